@@ -1,0 +1,1 @@
+"""Command modules of the ``mask2former`` CLI (see ``mask2former.cli``)."""

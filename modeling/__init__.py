@@ -1,0 +1,1 @@
+"""Model stages: backbone, pixel decoder, transformer decoder, heads, loss."""

@@ -1,0 +1,1 @@
+"""Preprocessing, label encoding, post-processing and visualisation."""

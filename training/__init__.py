@@ -1,0 +1,1 @@
+"""Data, augmentation, evaluation and the Accelerate training loop."""
