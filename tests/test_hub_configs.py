@@ -42,8 +42,8 @@ CITYSCAPES = [
     "sky", "person", "rider", "car", "truck", "bus", "train", "motorcycle", "bicycle",
 ]  # fmt: skip
 # ADE20K (150 classes): spot checks spread over the list, from the SceneParsing objectInfo150 table.
-ADE20K_SPOT_CHECKS = {0: "wall", 2: "sky", 12: "person", 20: "car", 36: "lamp", 56: "pool table", 89: "television receiver",
-                      115: "bag", 138: "ashcan", 149: "flag"}  # fmt: skip
+ADE20K_SPOT_CHECKS = {0: "wall", 2: "sky", 12: "person", 20: "car", 36: "lamp", 56: "pool table",
+                      89: "television receiver", 115: "bag", 138: "ashcan", 149: "flag"}  # fmt: skip
 MAPILLARY_SPOT_CHECKS = {0: "Bird", 13: "Road", 19: "Person", 23: "Lane Marking - Crosswalk", 27: "Sky", 55: "Car",
                          64: "Ego Vehicle"}  # fmt: skip
 
