@@ -79,11 +79,18 @@ class SegmentationCollator:
         processor_kwargs: passed to every processor call (e.g. ``do_resize=False`` after a fixed-size crop).
     """
 
-    def __init__(self, processor: Any, task: str = "panoptic", thing_ids: Iterable[int] | None = None,
-                 keep_targets: bool = False, **processor_kwargs: Any):  # fmt: skip
+    def __init__(
+        self,
+        processor: Any,
+        task: str = "panoptic",
+        thing_ids: Iterable[int] | None = None,
+        keep_targets: bool = False,
+        **processor_kwargs: Any,
+    ):
         if getattr(processor, "do_reduce_labels", False):
-            raise ValueError("SegmentationCollator gives label ids as they are: create the processor with "
-                             "do_reduce_labels=False")  # fmt: skip
+            raise ValueError(
+                "SegmentationCollator gives label ids as they are: create the processor with do_reduce_labels=False"
+            )
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
         self.processor = processor

@@ -69,9 +69,9 @@ def _require_mask_utils():
     return mask_utils
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Label metadata
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -155,9 +155,9 @@ def _attach_info(dataset, label_info: LabelInfo, task: str):
     return dataset
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Decoding stored rows into records
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def rgb_to_id(color: np.ndarray) -> np.ndarray:
@@ -412,9 +412,9 @@ class _SingleRowDecoder:
         return record if record is not None else _empty_record()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Sources
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def _coco_split_name(root: Path, split: str) -> str:
@@ -490,8 +490,11 @@ def coco_panoptic_rows(
         image_id = annotation["image_id"]
         image = images.get(image_id)
         if image is None:
-            _check_bad(f"{json_path}: annotation {annotation['file_name']!r} has unknown image id {image_id}",
-                       on_bad_input, skipped)  # fmt: skip
+            _check_bad(
+                f"{json_path}: annotation {annotation['file_name']!r} has unknown image id {image_id}",
+                on_bad_input,
+                skipped,
+            )
             continue
         image_path = root / split / image["file_name"]
         png_path = png_dir / annotation["file_name"]
@@ -549,8 +552,11 @@ def coco_instance_rows(
     rows, skipped = [], []
     for annotation in data["annotations"]:
         if annotation["image_id"] not in per_image:
-            _check_bad(f"{json_path}: annotation {annotation.get('id')} has unknown image id {annotation['image_id']}",
-                       on_bad_input, skipped)  # fmt: skip
+            _check_bad(
+                f"{json_path}: annotation {annotation.get('id')} has unknown image id {annotation['image_id']}",
+                on_bad_input,
+                skipped,
+            )
             continue
         per_image[annotation["image_id"]].append(annotation)
     for image in data["images"]:
@@ -585,7 +591,7 @@ ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation
 
 
 def ade20k_label_info(root: str | Path | None = None, num_labels: int = 150) -> LabelInfo:
-    """ADE20K's 150 classes (names from ``objectInfo150.txt``/``.csv`` in the root when present, else ``class_<n>``)."""
+    """ADE20K's 150 classes (names from ``objectInfo150.txt`` / ``.csv`` in the root when present, else numbers)."""
     names = [f"class_{index}" for index in range(1, num_labels + 1)]
     if root is not None:
         for candidate in ("objectInfo150.txt", "objectInfo150.csv"):
@@ -618,8 +624,9 @@ def ade20k_rows(
     for image_path in sorted(image_dir.glob("*.jpg")):
         annotation_path = annotation_dir / f"{image_path.stem}.png"
         if not annotation_path.is_file():
-            _check_bad(f"missing annotation {str(annotation_path)!r} for image {image_path.stem!r}", on_bad_input,
-                       skipped)  # fmt: skip
+            _check_bad(
+                f"missing annotation {str(annotation_path)!r} for image {image_path.stem!r}", on_bad_input, skipped
+            )
             continue
         rows.append(
             {
@@ -638,9 +645,9 @@ def ade20k_rows(
     return rows, label_info, skipped
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Hub / parquet datasets
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 DEFAULT_COLUMNS = {"image": "image", "annotation": "annotation", "segments_info": "segments_info", "image_id": None}
 
@@ -648,8 +655,14 @@ DEFAULT_COLUMNS = {"image": "image", "annotation": "annotation", "segments_info"
 class _HubRowConverter:
     """A Hub row (user's column names) -> a stored row of our schema (picklable, used by map/with_transform)."""
 
-    def __init__(self, columns: dict[str, str | None], annotation_format: str, label_info: LabelInfo,
-                 label_offset: int, ignore_value: int | None):  # fmt: skip
+    def __init__(
+        self,
+        columns: dict[str, str | None],
+        annotation_format: str,
+        label_info: LabelInfo,
+        label_offset: int,
+        ignore_value: int | None,
+    ):
         self.columns = columns
         self.annotation_format = annotation_format
         self.category_to_label = label_info.category_to_label
@@ -760,7 +773,8 @@ def load_hub_dataset(
     missing = [f"{role}={columns[role]!r}" for role in needed if columns[role] not in available]
     if available and missing:
         raise ValueError(
-            f"dataset {source!r} has columns {available}; missing {missing}: map them with column_mapping={{role: col}}"
+            f"dataset {source!r} has columns {available}; missing {missing}: map them with "
+            "column_mapping={{role: column}}"
         )
     label_info = _hub_label_info(raw, columns, annotation_format, id2label, categories)
     if thing_ids is not None:
@@ -779,8 +793,11 @@ def load_hub_dataset(
             raw = raw.cast_column(column, datasets.Image(decode=False))
     decoder = _Decoder(transform, on_bad_input)
     if streaming:
-        mapped = raw.map(lambda row, index: _SingleRowDecoder(decoder)(converter(row, index)), with_indices=True,
-                         remove_columns=available)  # fmt: skip
+        mapped = raw.map(
+            lambda row, index: _SingleRowDecoder(decoder)(converter(row, index)),
+            with_indices=True,
+            remove_columns=available,
+        )
         return _attach_info(mapped, label_info, task)
     if not columns.get("image_id"):
         raw = raw.add_column("__index__", list(range(len(raw))))
@@ -789,9 +806,9 @@ def load_hub_dataset(
     return _attach_info(dataset, label_info, task)
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Entry point
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def load_dataset_for_segmentation(
@@ -812,7 +829,8 @@ def load_dataset_for_segmentation(
 
     Args:
         source: a local COCO root, a local ADE20K root (ADEChallengeData2016), ``"synthetic-shapes"``, or a Hub id /
-            local parquet folder (see ``load_hub_dataset`` for ``annotation_format``, ``column_mapping``, ``id2label``).
+            local parquet folder (see ``load_hub_dataset`` for ``annotation_format``, ``column_mapping``,
+            ``id2label``).
         split: ``"train"``/``"val"`` (COCO accepts ``train2017``/``val2017``; ADE20K ``training``/``validation``).
         task: ``"panoptic"`` (COCO panoptic JSON), ``"instance"`` (COCO instances JSON; for a root with only a
             panoptic JSON, its thing segments) or ``"semantic"`` (any of them: records give the class of each pixel).
@@ -864,15 +882,29 @@ def load_dataset_for_segmentation(
             )
     elif path.exists():
         if any(path.rglob("*.parquet")):
-            return load_hub_dataset(str(path), split, streaming=streaming, transform=transform,
-                                    on_bad_input=on_bad_input, task=task, **hub_kwargs)  # fmt: skip
+            return load_hub_dataset(
+                str(path),
+                split,
+                streaming=streaming,
+                transform=transform,
+                on_bad_input=on_bad_input,
+                task=task,
+                **hub_kwargs,
+            )
         raise ValueError(
             f"{path} is neither a COCO root (with annotations/), an ADE20K root (with images/training or "
             "images/validation) nor a folder of parquet files"
         )
     else:
-        return load_hub_dataset(source_text, split, streaming=streaming, transform=transform,
-                                on_bad_input=on_bad_input, task=task, **hub_kwargs)  # fmt: skip
+        return load_hub_dataset(
+            source_text,
+            split,
+            streaming=streaming,
+            transform=transform,
+            on_bad_input=on_bad_input,
+            task=task,
+            **hub_kwargs,
+        )
     _SKIPPED.extend(skipped)
     if skipped:
         logger.warning("%d example(s) of %s skipped; see skipped_examples()", len(skipped), path)

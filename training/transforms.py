@@ -116,8 +116,16 @@ class LargeScaleJitter(_RandomMixin):
         seed: for a reproducible stream of random draws.
     """
 
-    def __init__(self, output_size: int = 1024, min_scale: float = 0.1, max_scale: float = 2.0,
-                 flip_prob: float = 0.5, pad: bool = False, pad_value: int = 128, seed: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        output_size: int = 1024,
+        min_scale: float = 0.1,
+        max_scale: float = 2.0,
+        flip_prob: float = 0.5,
+        pad: bool = False,
+        pad_value: int = 128,
+        seed: int | None = None,
+    ):
         super().__init__(seed)
         if not 0 < min_scale <= max_scale:
             raise ValueError(f"need 0 < min_scale <= max_scale, got {min_scale}, {max_scale}")
@@ -156,9 +164,14 @@ class PhotometricDistortion(_RandomMixin):
     ``xU(0.5, 1.5)``; hue ``+U{-18..18}`` in OpenCV's 0-180 hue units. Only the image changes.
     """
 
-    def __init__(self, brightness_delta: int = 32, contrast_range: tuple[float, float] = (0.5, 1.5),
-                 saturation_range: tuple[float, float] = (0.5, 1.5), hue_delta: int = 18,
-                 seed: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        brightness_delta: int = 32,
+        contrast_range: tuple[float, float] = (0.5, 1.5),
+        saturation_range: tuple[float, float] = (0.5, 1.5),
+        hue_delta: int = 18,
+        seed: int | None = None,
+    ):
         super().__init__(seed)
         self.brightness_delta = brightness_delta
         self.contrast_range, self.saturation_range, self.hue_delta = contrast_range, saturation_range, hue_delta
@@ -203,9 +216,18 @@ class ShortSideScaleCrop(_RandomMixin):
         photometric: apply ``PhotometricDistortion``.
     """
 
-    def __init__(self, base_size: int = 512, min_ratio: float = 0.5, max_ratio: float = 2.0, crop_size: int = 512,
-                 category_max_ratio: float = 1.0, max_size: int = 2048, photometric: bool = True,
-                 flip_prob: float = 0.5, seed: int | None = None):  # fmt: skip
+    def __init__(
+        self,
+        base_size: int = 512,
+        min_ratio: float = 0.5,
+        max_ratio: float = 2.0,
+        crop_size: int = 512,
+        category_max_ratio: float = 1.0,
+        max_size: int = 2048,
+        photometric: bool = True,
+        flip_prob: float = 0.5,
+        seed: int | None = None,
+    ):
         super().__init__(seed)
         steps = range(round(min_ratio * 10), round(max_ratio * 10) + 1)
         self.short_sides = [int(base_size * step / 10) for step in steps]
