@@ -1,0 +1,746 @@
+"""Mask2Former image processor: resize, rescale, normalise, pad; segmentation maps -> mask and class labels.
+
+A transformers ``BaseImageProcessor`` with transformers' Mask2Former argument names and ``preprocessor_config.json``
+format, so ``from_pretrained`` reads every ``facebook/mask2former-*`` processor config and configs we save load in
+transformers. Differences from transformers' processor, on purpose:
+
+- the work is done on torch tensors (pass ``device="cuda"`` to run a batch on a GPU);
+- segmentation maps keep their integer ids (COCO panoptic ids go up to 256^3; transformers' 8-bit conversion
+  raises), and COCO panoptic PNGs can be given as they are, RGB-encoded, with their ``segments_info``;
+- padded pixels of the binary targets are 0 (transformers pads them with ``ignore_index``);
+- post-processing crops each image's valid region before resizing and has no fixed intermediate size (see
+  ``post_processing.py``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.processing_utils import ImagesKwargs
+
+from . import post_processing
+
+_DEFAULT_LONGEST_EDGE = 1333
+_RESAMPLE_MODES = {
+    PILImageResampling.NEAREST: "nearest-exact",
+    PILImageResampling.BILINEAR: "bilinear",
+    PILImageResampling.BICUBIC: "bicubic",
+}
+
+
+class Mask2FormerImageProcessorKwargs(ImagesKwargs, total=False):
+    """Mask2Former's processor options on top of transformers' `ImagesKwargs`.
+
+    ignore_index: label of pixels that are not a target (with `do_reduce_labels`, former 0 pixels get it).
+    do_reduce_labels: subtract 1 from every label and turn 0 into `ignore_index` (ADE20K, where 0 = "other").
+    num_labels: number of classes (kept for transformers' config format).
+    size_divisor: resized sizes are rounded up to a multiple of it, and padding too (Swin needs 32).
+    pad_size: pad every image to this `{"height", "width"}` instead of the batch maximum.
+    """
+
+    ignore_index: int | None
+    do_reduce_labels: bool
+    num_labels: int | None
+    size_divisor: int
+    pad_size: SizeDict | None
+
+
+class Mask2FormerImageProcessor(BaseImageProcessor):
+    r"""Prepares images (and segmentation maps) for Mask2Former and turns its outputs into segmentations.
+
+    `processor(images, segmentation_maps=None, instance_id_to_semantic_id=None, segments_info=None,
+    return_tensors="pt")` returns a `BatchFeature` with
+
+    - `pixel_values (B, 3, H, W)`: resized, rescaled, normalised, padded at the bottom and right to the batch maximum
+      (a multiple of `size_divisor`);
+    - `pixel_mask (B, H, W)`: 1 on real pixels, 0 on padding;
+    - with maps, `mask_labels`: a list of `(N_i, H, W)` float binary masks and `class_labels`: a list of `(N_i,)`
+      long class ids, one entry per image (`N_i` may be 0).
+
+    So `model(**processor(images, return_tensors="pt"))` works. The `post_process_*` methods take the model outputs
+    and return transformers' formats; they crop the valid region of each image (recomputed from `target_sizes`,
+    or given by `pixel_mask`) before resizing.
+
+    Args:
+        do_resize (`bool`, defaults to `True`): resize so that the shortest edge is `size["shortest_edge"]` and the
+            longest at most `size["longest_edge"]`, or to `size["height"] x size["width"]`.
+        size (`dict` or `int`, defaults to `{"shortest_edge": 800, "longest_edge": 1333}`): an int means the
+            shortest edge; a missing longest edge defaults to `max_size` or 1333, as transformers 4 did.
+        size_divisor (`int`, defaults to 32): resized sizes and padding are rounded up to a multiple of it.
+        resample (`PILImageResampling`, defaults to bilinear): image resampling (antialiased, like PIL).
+        do_rescale, rescale_factor (`1/255`), do_normalize, image_mean, image_std: as in transformers.
+        ignore_index (`int`, optional): label ignored in segmentation maps.
+        do_reduce_labels (`bool`, defaults to `False`): ADE20K-style label reduction (needs `ignore_index`).
+        num_labels (`int`, optional): number of classes.
+    """
+
+    valid_kwargs = Mask2FormerImageProcessorKwargs
+    resample = PILImageResampling.BILINEAR
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": 800, "longest_edge": _DEFAULT_LONGEST_EDGE}
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    size_divisor = 32
+    ignore_index = None
+    do_reduce_labels = False
+    num_labels = None
+    model_input_names = ["pixel_values", "pixel_mask"]
+
+    def __init__(self, **kwargs: Any) -> None:
+        # Keys older transformers versions wrote into the Hub configs.
+        if "reduce_labels" in kwargs:
+            reduce_labels = kwargs.pop("reduce_labels")
+            kwargs.setdefault("do_reduce_labels", reduce_labels)
+        max_size = kwargs.pop("max_size", None)
+        legacy_max_size = kwargs.pop("_max_size", None)
+        max_size = max_size or legacy_max_size or _DEFAULT_LONGEST_EDGE
+        size = kwargs.pop("size", None)
+        if size is None:
+            size = dict(self.size)
+        elif isinstance(size, int):
+            size = {"shortest_edge": size}
+        elif isinstance(size, (list, tuple)):
+            size = {"height": size[0], "width": size[1]}
+        else:
+            size = dict(size)
+        if size.get("shortest_edge") and not size.get("longest_edge"):
+            size["longest_edge"] = max_size
+        kwargs["size"] = size
+        super().__init__(**kwargs)
+        self._set_attributes(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The config as transformers writes it (`image_processor_type` "Mask2FormerImageProcessor")."""
+        output = super().to_dict()
+        for key in ("_max_size", "max_size", "reduce_labels"):
+            output.pop(key, None)
+        if isinstance(output.get("resample"), PILImageResampling):
+            output["resample"] = int(output["resample"])
+        return output
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Sizes
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def resized_size(
+        self,
+        height: int,
+        width: int,
+        size: SizeDict | dict | None = None,
+        size_divisor: int | None = None,
+        do_resize: bool | None = None,
+    ) -> tuple[int, int]:
+        """The `(height, width)` an image of `(height, width)` has after preprocessing, before padding.
+
+        Shortest/longest edge keeps the aspect ratio (rounding as transformers does), `height`/`width` is taken as
+        given; the result is rounded up to a multiple of `size_divisor` when resizing, as in transformers.
+        """
+        do_resize = self.do_resize if do_resize is None else do_resize
+        if not do_resize:
+            return int(height), int(width)
+        size = SizeDict(**dict(size if size is not None else self.size))
+        size_divisor = self.size_divisor if size_divisor is None else size_divisor
+        if size.shortest_edge:
+            new_height, new_width = _shortest_edge_size(
+                height, width, size.shortest_edge, size.longest_edge or _DEFAULT_LONGEST_EDGE
+            )
+        elif size.height and size.width:
+            new_height, new_width = size.height, size.width
+        elif size.max_height and size.max_width:
+            scale = min(size.max_height / height, size.max_width / width)
+            new_height, new_width = int(height * scale), int(width * scale)
+        else:
+            raise ValueError(
+                f"`size` must hold 'shortest_edge' (and optionally 'longest_edge'), or 'height' and 'width'; got "
+                f"{dict(size)}."
+            )
+        if size_divisor:
+            new_height = math.ceil(new_height / size_divisor) * size_divisor
+            new_width = math.ceil(new_width / size_divisor) * size_divisor
+        return int(new_height), int(new_width)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Preprocessing
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def preprocess(
+        self,
+        images: Any,
+        segmentation_maps: Any = None,
+        instance_id_to_semantic_id: list[dict[int, int]] | dict[int, int] | None = None,
+        segments_info: list[list[dict[str, Any]]] | list[dict[str, Any]] | None = None,
+        do_resize: bool | None = None,
+        size: dict[str, int] | int | None = None,
+        size_divisor: int | None = None,
+        resample: PILImageResampling | int | None = None,
+        do_rescale: bool | None = None,
+        rescale_factor: float | None = None,
+        do_normalize: bool | None = None,
+        image_mean: float | Sequence[float] | None = None,
+        image_std: float | Sequence[float] | None = None,
+        ignore_index: int | None = None,
+        do_reduce_labels: bool | None = None,
+        pad_size: dict[str, int] | None = None,
+        return_tensors: str | None = None,
+        device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        r"""Preprocesses an image or a batch of images, and optionally their segmentation maps.
+
+        Args:
+            images: a PIL image, a numpy array or torch tensor (HWC or CHW; gray, RGB or RGBA; uint8, uint16 or
+                float in 0-255), a file path, or a list of them (sizes may differ).
+            segmentation_maps: one `(H, W)` integer map per image, the size of its image: class ids (semantic),
+                instance ids (with `instance_id_to_semantic_id`) or panoptic segment ids (with `segments_info`;
+                an RGB COCO panoptic PNG is decoded as R + 256 G + 256^2 B).
+            instance_id_to_semantic_id: per image (or one for all) `{instance id: class id}`.
+            segments_info: per image the COCO panoptic `segments_info` (`id`, `category_id`, optional `iscrowd`).
+                `category_id` is used as the class id as it is. Crowd segments are not made targets, as in the
+                original Mask2Former's dataset mapper.
+            return_tensors: `"pt"` for torch tensors, `"np"` or None for numpy arrays.
+            device: where the tensor work runs (e.g. `"cuda"`); outputs stay there.
+            Other arguments override the processor's settings for this call.
+
+        Returns:
+            `BatchFeature` with `pixel_values (B, 3, H, W)`, `pixel_mask (B, H, W)` and, with maps, `mask_labels`
+            (list of `(N_i, H, W)` float) and `class_labels` (list of `(N_i,)` long).
+        """
+        unknown = set(kwargs) - set(self.valid_kwargs.__annotations__)
+        if unknown:
+            raise ValueError(f"unexpected argument(s) {sorted(unknown)} for {type(self).__name__}.preprocess.")
+        do_resize = self.do_resize if do_resize is None else do_resize
+        size = self.size if size is None else Mask2FormerImageProcessor(size=size).size
+        size_divisor = self.size_divisor if size_divisor is None else size_divisor
+        resample = self.resample if resample is None else resample
+        do_rescale = self.do_rescale if do_rescale is None else do_rescale
+        rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
+        do_normalize = self.do_normalize if do_normalize is None else do_normalize
+        image_mean = self.image_mean if image_mean is None else image_mean
+        image_std = self.image_std if image_std is None else image_std
+        ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        do_reduce_labels = self.do_reduce_labels if do_reduce_labels is None else do_reduce_labels
+        pad_size = self.pad_size if pad_size is None else pad_size
+        if do_reduce_labels and ignore_index is None:
+            raise ValueError("`do_reduce_labels=True` needs an `ignore_index` (e.g. 255) for the former 0 pixels.")
+
+        image_list = [_to_image_tensor(image, device) for image in _as_list(images, "images")]
+        map_list = None
+        if segmentation_maps is not None:
+            map_list = [_to_map_tensor(item, device) for item in _as_list(segmentation_maps, "segmentation_maps")]
+            if len(map_list) != len(image_list):
+                raise ValueError(f"got {len(image_list)} images but {len(map_list)} segmentation maps; pass one each.")
+            for index, (image, segmentation_map) in enumerate(zip(image_list, map_list)):
+                if tuple(segmentation_map.shape) != tuple(image.shape[-2:]):
+                    raise ValueError(
+                        f"segmentation map {index} is {tuple(segmentation_map.shape)} but its image is "
+                        f"{tuple(image.shape[-2:])} (height, width); give each map the size of its image."
+                    )
+
+        resized_images, resized_maps = [], []
+        for index, image in enumerate(image_list):
+            new_size = self.resized_size(*image.shape[-2:], size=size, size_divisor=size_divisor, do_resize=do_resize)
+            resized_images.append(_resize_image(image, new_size, resample))
+            if map_list is not None:
+                resized_maps.append(_resize_nearest(map_list[index], new_size))
+
+        mean = torch.as_tensor(image_mean, dtype=torch.float32, device=resized_images[0].device).view(-1, 1, 1)
+        std = torch.as_tensor(image_std, dtype=torch.float32, device=resized_images[0].device).view(-1, 1, 1)
+        # Rescale and normalise in one affine step: x * factor / std - mean / std.
+        scale = (rescale_factor if do_rescale else 1.0) / (std if do_normalize else torch.ones_like(std))
+        shift = -(mean / std) if do_normalize else torch.zeros_like(mean)
+        normalized = [image.float() * scale + shift for image in resized_images]
+        return self._encode(
+            normalized,
+            resized_maps if map_list is not None else None,
+            instance_id_to_semantic_id,
+            segments_info,
+            ignore_index,
+            do_reduce_labels,
+            size_divisor,
+            pad_size,
+            return_tensors,
+        )
+
+    def encode_inputs(
+        self,
+        pixel_values_list: list[Any],
+        segmentation_maps: Any = None,
+        instance_id_to_semantic_id: list[dict[int, int]] | dict[int, int] | None = None,
+        ignore_index: int | None = None,
+        do_reduce_labels: bool = False,
+        return_tensors: str | None = None,
+        segments_info: list[list[dict[str, Any]]] | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """Pads already preprocessed `(3, H, W)` images and encodes their maps (same sizes), without resizing.
+
+        Returns the same `BatchFeature` as `preprocess`.
+        """
+        ignore_index = self.ignore_index if ignore_index is None else ignore_index
+        images = [
+            torch.as_tensor(np.asarray(image) if not torch.is_tensor(image) else image) for image in pixel_values_list
+        ]
+        for index, image in enumerate(images):
+            if image.ndim != 3:
+                raise ValueError(
+                    f"pixel_values_list[{index}] must be a (C, H, W) array, got shape {tuple(image.shape)}."
+                )
+        maps = None
+        if segmentation_maps is not None:
+            maps = [_to_map_tensor(item, None) for item in _as_list(segmentation_maps, "segmentation_maps")]
+            for index, (image, segmentation_map) in enumerate(zip(images, maps)):
+                if tuple(segmentation_map.shape) != tuple(image.shape[-2:]):
+                    raise ValueError(
+                        f"segmentation map {index} is {tuple(segmentation_map.shape)} but its image is "
+                        f"{tuple(image.shape[-2:])}; give each map the size of its image."
+                    )
+        return self._encode(
+            [image.float() for image in images],
+            maps,
+            instance_id_to_semantic_id,
+            segments_info,
+            ignore_index,
+            do_reduce_labels,
+            self.size_divisor,
+            kwargs.get("pad_size"),
+            return_tensors,
+        )
+
+    def _encode(
+        self,
+        images: list[torch.Tensor],
+        maps: list[torch.Tensor] | None,
+        instance_id_to_semantic_id: Any,
+        segments_info: Any,
+        ignore_index: int | None,
+        do_reduce_labels: bool,
+        size_divisor: int,
+        pad_size: Any,
+        return_tensors: str | None,
+    ) -> BatchFeature:
+        # Pad at the bottom and right to the batch maximum, rounded up to the divisor.
+        if pad_size is not None:
+            pad_size = SizeDict(**dict(pad_size))
+            padded_height, padded_width = pad_size.height, pad_size.width
+        else:
+            padded_height = max(image.shape[-2] for image in images)
+            padded_width = max(image.shape[-1] for image in images)
+            if size_divisor:
+                padded_height = math.ceil(padded_height / size_divisor) * size_divisor
+                padded_width = math.ceil(padded_width / size_divisor) * size_divisor
+        batch_size, channels = len(images), images[0].shape[0]
+        device = images[0].device
+        pixel_values = torch.zeros(batch_size, channels, padded_height, padded_width, device=device)
+        pixel_mask = torch.zeros(batch_size, padded_height, padded_width, dtype=torch.long, device=device)
+        for index, image in enumerate(images):
+            height, width = image.shape[-2:]
+            if height > padded_height or width > padded_width:
+                raise ValueError(
+                    f"image {index} is {height}x{width}, larger than pad_size {padded_height}x{padded_width}."
+                )
+            pixel_values[index, :, :height, :width] = image
+            pixel_mask[index, :height, :width] = 1
+
+        data: dict[str, Any] = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
+        if maps is not None:
+            mask_labels, class_labels = [], []
+            for index, segmentation_map in enumerate(maps):
+                masks, classes = encode_segmentation_map(
+                    segmentation_map,
+                    _per_image(instance_id_to_semantic_id, index, "instance_id_to_semantic_id"),
+                    _per_image(segments_info, index, "segments_info", nested=True),
+                    ignore_index=ignore_index,
+                    do_reduce_labels=do_reduce_labels,
+                )
+                # Padded target pixels are 0: padding is not part of any object.
+                padded = masks.new_zeros(masks.shape[0], padded_height, padded_width)
+                padded[:, : masks.shape[1], : masks.shape[2]] = masks
+                mask_labels.append(padded)
+                class_labels.append(classes)
+            data["mask_labels"], data["class_labels"] = mask_labels, class_labels
+
+        if return_tensors in ("pt", "torch"):
+            return BatchFeature(data=data)
+        if return_tensors not in (None, "np", "numpy"):
+            raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}.")
+        converted = {
+            key: [item.cpu().numpy() for item in value] if isinstance(value, list) else value.cpu().numpy()
+            for key, value in data.items()
+        }
+        return BatchFeature(data=converted)
+
+    # ----------------------------------------------------------------------------------------------------------------
+    # Post-processing (see post_processing.py)
+    # ----------------------------------------------------------------------------------------------------------------
+
+    def _geometries(
+        self,
+        outputs: Any,
+        target_sizes: Any,
+        pixel_mask: torch.Tensor | None,
+        image_sizes: Any,
+    ) -> list[post_processing.ImageGeometry]:
+        _, mask_logits = post_processing.get_logits(outputs)
+        batch_size = mask_logits.shape[0]
+        if isinstance(target_sizes, torch.Tensor):
+            target_sizes = target_sizes.tolist()
+        input_size = None
+        if pixel_mask is not None:
+            if pixel_mask.ndim != 3 or pixel_mask.shape[0] != batch_size:
+                raise ValueError(
+                    f"`pixel_mask` must be (B, H, W) with B={batch_size}, got shape {tuple(pixel_mask.shape)}."
+                )
+            input_size = tuple(pixel_mask.shape[-2:])
+            # The valid region is the top-left block of ones: count the rows and columns that hold any.
+            valid_rows = pixel_mask.bool().any(2).sum(1)
+            valid_cols = pixel_mask.bool().any(1).sum(1)
+            image_sizes = torch.stack([valid_rows, valid_cols], 1).tolist()
+        elif image_sizes is None and target_sizes is not None:
+            if len(target_sizes) != batch_size:
+                raise ValueError(
+                    f"`target_sizes` has {len(target_sizes)} entries but the outputs hold {batch_size} images."
+                )
+            # Recompute where each original image lies in the model input: the size preprocessing resized it to.
+            image_sizes = [self.resized_size(int(height), int(width)) for height, width in target_sizes]
+        return post_processing.resolve_geometry(
+            tuple(mask_logits.shape[-2:]), batch_size, target_sizes, image_sizes, input_size
+        )
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs: Any,
+        target_sizes: list[tuple[int, int]] | None = None,
+        return_segmentation_scores: bool = False,
+        pixel_mask: torch.Tensor | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
+        """Semantic maps: per image a `(height, width)` long tensor of class ids.
+
+        Args:
+            outputs: model outputs with `class_queries_logits (B, Q, K+1)` and `masks_queries_logits (B, Q, h, w)`.
+            target_sizes: `(height, width)` per image, normally the original image sizes. Without `pixel_mask`
+                or `image_sizes`, the valid (unpadded) region of each image is recomputed from its target size
+                with this processor's resize settings.
+            return_segmentation_scores: also return the `(K, height, width)` class scores (memory heavy).
+            pixel_mask: the `pixel_mask (B, H, W)` given to the model; gives the valid regions exactly.
+            image_sizes: `(height, width)` per image of the valid region in model-input pixels.
+        """
+        geometries = self._geometries(outputs, target_sizes, pixel_mask, image_sizes)
+        return post_processing.post_process_semantic_segmentation(outputs, geometries, return_segmentation_scores)
+
+    def post_process_instance_segmentation(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        target_sizes: list[tuple[int, int]] | None = None,
+        return_coco_annotation: bool | None = False,
+        return_binary_maps: bool | None = False,
+        pixel_mask: torch.Tensor | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Instances per image: `{"segmentation", "segments_info"}`; see
+        `post_processing.post_process_instance_segmentation`. `target_sizes`, `pixel_mask`, `image_sizes` as in
+        `post_process_semantic_segmentation`.
+        """
+        geometries = self._geometries(outputs, target_sizes, pixel_mask, image_sizes)
+        return post_processing.post_process_instance_segmentation(
+            outputs,
+            geometries,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap_mask_area_threshold,
+            return_coco_annotation=bool(return_coco_annotation),
+            return_binary_maps=bool(return_binary_maps),
+        )
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: set[int] | None = None,
+        target_sizes: list[tuple[int, int]] | None = None,
+        return_binary_maps: bool = False,
+        pixel_mask: torch.Tensor | None = None,
+        image_sizes: list[tuple[int, int]] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Panoptic segments per image: `{"segmentation", "segments_info"}`; see
+        `post_processing.post_process_panoptic_segmentation`. `target_sizes`, `pixel_mask`, `image_sizes` as in
+        `post_process_semantic_segmentation`.
+        """
+        geometries = self._geometries(outputs, target_sizes, pixel_mask, image_sizes)
+        return post_processing.post_process_panoptic_segmentation(
+            outputs,
+            geometries,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=overlap_mask_area_threshold,
+            label_ids_to_fuse=label_ids_to_fuse,
+            return_binary_maps=return_binary_maps,
+        )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Label encoding
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def encode_segmentation_map(
+    segmentation_map: torch.Tensor,
+    instance_id_to_semantic_id: dict[int, int] | None = None,
+    segments_info: list[dict[str, Any]] | None = None,
+    ignore_index: int | None = None,
+    do_reduce_labels: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An `(H, W)` integer map -> binary masks `(N, H, W)` float and class ids `(N,)` long, one per id present.
+
+    - with `segments_info` (COCO panoptic): one mask per non-crowd segment present, class `category_id`; id 0 is
+      void; any other id must be listed;
+    - with `instance_id_to_semantic_id`: one mask per instance id present (except `ignore_index`), class mapped;
+    - otherwise (semantic): one mask per class id present, except `ignore_index`.
+    """
+    if do_reduce_labels:
+        # 0 ("other") becomes ignored, every other label moves down by one.
+        segmentation_map = torch.where(segmentation_map == 0, ignore_index, segmentation_map - 1)
+    ids, inverse = torch.unique(segmentation_map, return_inverse=True)  # (U,), (H, W)
+    ids_list = ids.tolist()
+    keep = [True] * len(ids_list)
+    if segments_info is not None:
+        by_id = {int(info["id"]): info for info in segments_info}
+        classes = []
+        for position, segment_id in enumerate(ids_list):
+            if segment_id == 0:
+                keep[position] = False
+                classes.append(0)
+                continue
+            if segment_id not in by_id:
+                raise ValueError(
+                    f"segment id {segment_id} is in the panoptic map but not in its segments_info (ids "
+                    f"{sorted(by_id)[:10]}...); pass the segments_info that belongs to this map."
+                )
+            info = by_id[segment_id]
+            keep[position] = not info.get("iscrowd", 0)
+            classes.append(int(info["category_id"]))
+    else:
+        if ignore_index is not None:
+            keep = [segment_id != ignore_index for segment_id in ids_list]
+        if instance_id_to_semantic_id is not None:
+            mapping = {int(key): int(value) for key, value in instance_id_to_semantic_id.items()}
+            classes = []
+            for position, segment_id in enumerate(ids_list):
+                if not keep[position]:
+                    classes.append(0)
+                    continue
+                key = segment_id + 1 if do_reduce_labels else segment_id
+                if key not in mapping:
+                    raise ValueError(
+                        f"instance id {key} is in the segmentation map but not in instance_id_to_semantic_id; add "
+                        "it (ids present: " + ", ".join(str(v) for v in ids_list[:20]) + ")."
+                    )
+                classes.append(mapping[key] - 1 if do_reduce_labels else mapping[key])
+        else:
+            classes = ids_list
+    keep_tensor = torch.tensor(keep, dtype=torch.bool, device=segmentation_map.device)
+    kept_positions = keep_tensor.nonzero()[:, 0]  # (N,)
+    # (H, W) positions into the unique ids -> (N, H, W) one mask per kept id
+    masks = inverse[None] == kept_positions[:, None, None]
+    class_labels = torch.tensor(classes, dtype=torch.long, device=segmentation_map.device)[kept_positions]
+    return masks.float(), class_labels
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Inputs to tensors
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _as_list(items: Any, name: str) -> list[Any]:
+    if isinstance(items, (list, tuple)):
+        if len(items) == 0:
+            raise ValueError(f"`{name}` is an empty list; pass at least one.")
+        return list(items)
+    if isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim == 4:
+        return list(items)
+    return [items]
+
+
+def _per_image(value: Any, index: int, name: str, nested: bool = False) -> Any:
+    if value is None:
+        return None
+    if nested:
+        # One list of segment dicts for all images, or a list of such lists.
+        if len(value) > 0 and isinstance(value[0], dict):
+            return value
+    elif isinstance(value, dict):
+        return value
+    if index >= len(value):
+        raise ValueError(f"`{name}` has {len(value)} entries; pass one per image.")
+    return value[index]
+
+
+def _load(path: str | os.PathLike) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+        raise ValueError(f"cannot read an image from {str(path)!r}: {error}") from error
+
+
+def _pil_to_array(image: Any, keep_ids: bool) -> np.ndarray:
+    if keep_ids:
+        # Palette images hold class ids in the palette index; keep them.
+        return np.asarray(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        return np.asarray(image).astype(np.float32) / (257.0 if image.mode.startswith("I;16") else 1.0)
+    if image.mode not in ("RGB", "L", "RGBA", "LA"):
+        image = image.convert("RGBA" if "A" in image.mode or image.mode == "P" else "RGB")
+    return np.asarray(image)
+
+
+def _to_image_tensor(image: Any, device: str | torch.device | None) -> torch.Tensor:
+    """Any supported image -> `(3, H, W)` uint8 or float tensor (0-255 scale)."""
+    from PIL import Image
+
+    if isinstance(image, (str, os.PathLike)):
+        image = _load(image)
+    if isinstance(image, Image.Image):
+        array = _pil_to_array(image, keep_ids=False)
+        tensor = torch.from_numpy(np.array(array, copy=True))
+        channels_last = tensor.ndim == 3
+    elif isinstance(image, (np.ndarray, torch.Tensor)):
+        tensor = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+        channels_last = None
+    else:
+        raise ValueError(
+            f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array, torch tensor or path."
+        )
+    if tensor.dtype == torch.uint16 or (tensor.dtype == torch.int32 and tensor.max() > 255):
+        tensor = tensor.float() / 257.0  # 16-bit -> 0-255 scale, so that rescale_factor 1/255 still applies
+    elif tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"unsupported image dtype {tensor.dtype}; pass uint8, uint16 or float pixels.")
+    if tensor.ndim == 2:
+        tensor = tensor[None]
+    elif tensor.ndim == 3:
+        if channels_last is None:
+            # HWC when the last axis looks like channels, CHW when the first does.
+            channels_last = tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4)
+            if not channels_last and tensor.shape[0] not in (1, 3, 4):
+                raise ValueError(
+                    f"image of shape {tuple(tensor.shape)} has no channel axis of 1, 3 or 4; pass (H, W), (H, W, C) "
+                    "or (C, H, W) with C in 1 (gray), 3 (RGB), 4 (RGBA)."
+                )
+        if channels_last:
+            tensor = tensor.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
+    else:
+        raise ValueError(f"an image must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}.")
+    channels = tensor.shape[0]
+    if channels == 1:
+        tensor = tensor.expand(3, -1, -1)  # gray -> RGB
+    elif channels == 4:
+        tensor = tensor[:3]  # drop alpha
+    elif channels != 3:
+        raise ValueError(f"an image must have 1, 3 or 4 channels, got {channels} (shape {tuple(tensor.shape)}).")
+    if tensor.shape[-2] < 2 or tensor.shape[-1] < 2:
+        raise ValueError(f"an image must be at least 2x2 pixels, got {tuple(tensor.shape[-2:])}.")
+    if device is not None:
+        tensor = tensor.to(device)
+    return tensor.contiguous()
+
+
+def _to_map_tensor(segmentation_map: Any, device: str | torch.device | None) -> torch.Tensor:
+    """A segmentation map -> `(H, W)` int64; RGB-encoded panoptic maps become R + 256 G + 256^2 B."""
+    from PIL import Image
+
+    if isinstance(segmentation_map, (str, os.PathLike)):
+        segmentation_map = _load(segmentation_map)
+    if isinstance(segmentation_map, Image.Image):
+        segmentation_map = np.array(segmentation_map, copy=True)
+    if isinstance(segmentation_map, np.ndarray):
+        if segmentation_map.dtype == np.uint16:
+            segmentation_map = segmentation_map.astype(np.int64)
+        tensor = torch.from_numpy(np.ascontiguousarray(segmentation_map))
+    elif isinstance(segmentation_map, torch.Tensor):
+        tensor = segmentation_map
+    else:
+        raise ValueError(
+            f"unsupported segmentation map type {type(segmentation_map).__name__}; pass a PIL image, numpy array, "
+            "torch tensor or path."
+        )
+    if tensor.is_floating_point():
+        tensor = tensor.round()
+    tensor = tensor.long()
+    if tensor.ndim == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    elif tensor.ndim == 3 and tensor.shape[-1] == 1:
+        tensor = tensor[..., 0]
+    elif tensor.ndim == 3 and tensor.shape[-1] == 3:
+        tensor = tensor[..., 0] + 256 * tensor[..., 1] + 256 * 256 * tensor[..., 2]  # COCO panoptic id encoding
+    elif tensor.ndim != 2:
+        raise ValueError(
+            f"a segmentation map must be (H, W) ids or an (H, W, 3) RGB panoptic PNG, got shape {tuple(tensor.shape)}."
+        )
+    if device is not None:
+        tensor = tensor.to(device)
+    return tensor
+
+
+def _shortest_edge_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
+    # transformers' rule: scale the short side to `shortest_edge` unless the long side would pass `longest_edge`,
+    # truncating the other side.
+    short_side, long_side = float(min(height, width)), float(max(height, width))
+    target = shortest_edge
+    exact = None
+    if long_side / short_side * shortest_edge > longest_edge:
+        exact = longest_edge * short_side / long_side
+        target = int(round(exact))
+    if (height <= width and height == target) or (width <= height and width == target):
+        return height, width
+    base = exact if exact is not None else target
+    if width < height:
+        return int(base * height / width), target
+    return target, int(base * width / height)
+
+
+def _resize_image(image: torch.Tensor, size: tuple[int, int], resample: Any) -> torch.Tensor:
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    mode = _RESAMPLE_MODES.get(PILImageResampling(int(resample)), "bilinear")
+    if mode == "nearest-exact":
+        return _resize_nearest(image, size)
+    batch = image[None]  # (C, H, W) -> (1, C, H, W)
+    # Antialiased like PIL; uint8 stays uint8 on the CPU (rounded like PIL), other dtypes resize in float.
+    if batch.dtype != torch.uint8 or batch.device.type != "cpu":
+        batch = batch.float()
+    resized = F.interpolate(batch, size=size, mode=mode, antialias=True, align_corners=False)
+    if mode == "bicubic" and resized.is_floating_point():
+        resized = resized.clamp(0, 255)
+    return resized[0]
+
+
+def _resize_nearest(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest resize by index (any dtype, ids kept exactly), sampling pixel centres like PIL's NEAREST."""
+    height, width = tensor.shape[-2:]
+    if (height, width) == tuple(size):
+        return tensor
+    rows = (
+        ((torch.arange(size[0], dtype=torch.float64) + 0.5) * (height / size[0])).floor().long().clamp(max=height - 1)
+    )
+    cols = ((torch.arange(size[1], dtype=torch.float64) + 0.5) * (width / size[1])).floor().long().clamp(max=width - 1)
+    return tensor.index_select(-2, rows.to(tensor.device)).index_select(-1, cols.to(tensor.device))
