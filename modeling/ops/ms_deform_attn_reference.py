@@ -36,7 +36,9 @@ def multi_scale_deformable_attention_reference(
     sampled_per_level = []
     for level, (height, width) in enumerate(shapes):
         # (B, H*W, h, D) -> (B, h, D, H*W) -> (B*h, D, H, W)
-        level_value = value_per_level[level].permute(0, 2, 3, 1).reshape(batch_size * num_heads, head_dim, height, width)
+        level_value = (
+            value_per_level[level].permute(0, 2, 3, 1).reshape(batch_size * num_heads, head_dim, height, width)
+        )
         # (B, Q, h, P, 2) -> (B, h, Q, P, 2) -> (B*h, Q, P, 2)
         level_grid = sampling_grids[:, :, :, level].transpose(1, 2).flatten(0, 1)
         # (B*h, D, Q, P)
@@ -44,7 +46,9 @@ def multi_scale_deformable_attention_reference(
             F.grid_sample(level_value, level_grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         )
     # (B, Q, h, L, P) -> (B, h, Q, L, P) -> (B*h, 1, Q, L*P)
-    weights = attention_weights.transpose(1, 2).reshape(batch_size * num_heads, 1, num_queries, num_levels * num_points)
+    weights = attention_weights.transpose(1, 2).reshape(
+        batch_size * num_heads, 1, num_queries, num_levels * num_points
+    )
     # (B*h, D, Q, L, P) -> (B*h, D, Q, L*P) -> (B*h, D, Q) -> (B, h*D, Q)
     output = (torch.stack(sampled_per_level, dim=-2).flatten(-2) * weights).sum(-1)
     output = output.view(batch_size, num_heads * head_dim, num_queries)

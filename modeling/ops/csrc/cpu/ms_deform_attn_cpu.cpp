@@ -1,0 +1,372 @@
+// CPU kernels of multi-scale deformable attention.
+//
+// Forward: parallel over (batch, query); for each head the head_dim channels are accumulated in a small array
+// that the compiler keeps in vector registers (head_dim is a template constant for the common sizes).
+// Backward: parallel over (batch, head, level) tasks. Each task owns grad_value[b, level rows, head, :] and the
+// location/weight gradients of its (head, level), and walks the queries in order, so there are no atomics and the
+// result is bitwise identical for any thread count.
+// No -march flags: the hot loops are compiled per instruction set with `target_clones` and the loader picks the
+// clone for the running CPU (AVX-512, AVX2+FMA, or baseline x86-64).
+#include "cpu/ms_deform_attn_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "ms_deform_attn_checks.h"
+#include "ms_deform_attn_common.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(MSDA_NO_MULTIVERSIONING)
+#define MSDA_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define MSDA_HAVE_CLONES 1
+#else
+#define MSDA_CPU_CLONES
+#define MSDA_HAVE_CLONES 0
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+// Inlined into each instruction-set clone, so the body is compiled for that clone's vector width.
+#define MSDA_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define MSDA_ALWAYS_INLINE inline
+#endif
+
+namespace mask2former {
+namespace msda {
+
+const char* cpu_kernel_isa() {
+#if MSDA_HAVE_CLONES
+  if (__builtin_cpu_supports("x86-64-v4")) return "avx512";
+  if (__builtin_cpu_supports("x86-64-v3")) return "avx2";
+#endif
+  return "default";
+}
+
+namespace {
+
+struct Problem {
+  int64_t batch;
+  int64_t num_values;   // S
+  int64_t num_heads;    // h
+  int64_t head_dim;     // D
+  int64_t num_queries;  // Q
+  int64_t num_levels;   // L
+  int64_t num_points;   // P
+  const int64_t* spatial_shapes;  // (L, 2) as (H, W)
+  const int64_t* level_start;     // (L,) first row of each level
+};
+
+template <typename scalar_t>
+struct AccType {
+  using type = scalar_t;
+};
+template <>
+struct AccType<c10::BFloat16> {
+  using type = float;
+};
+
+// Items [begin, end) of the flattened (batch, head, query) axis, query fastest: consecutive items sample
+// neighbouring pixels of one head's value slice, which stays in L2 (all heads at once would not).
+// kHeadDim > 0 fixes head_dim at compile time.
+template <typename scalar_t, int kHeadDim>
+MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* value, const scalar_t* sampling_locations,
+                                     const scalar_t* attention_weights, scalar_t* output, int64_t begin, int64_t end) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
+  const int64_t row_stride = problem.num_heads * head_dim;  // elements between value rows s and s + 1
+  const int64_t samples_per_head = problem.num_levels * problem.num_points;
+  acc_t fixed_accumulator[kHeadDim > 0 ? kHeadDim : 1];
+  std::vector<acc_t> dynamic_accumulator(kHeadDim > 0 ? 0 : head_dim);
+  acc_t* accumulator = kHeadDim > 0 ? fixed_accumulator : dynamic_accumulator.data();
+
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t query = item % problem.num_queries;
+    const int64_t head = (item / problem.num_queries) % problem.num_heads;
+    const int64_t batch_index = item / (problem.num_queries * problem.num_heads);
+    const int64_t batch_query = batch_index * problem.num_queries + query;
+    const scalar_t* batch_value = value + batch_index * problem.num_values * row_stride;
+    for (int64_t channel = 0; channel < head_dim; ++channel) accumulator[channel] = acc_t(0);
+    const int64_t first_sample = (batch_query * problem.num_heads + head) * samples_per_head;
+    for (int64_t level = 0; level < problem.num_levels; ++level) {
+      const int64_t height = problem.spatial_shapes[2 * level];
+      const int64_t width = problem.spatial_shapes[2 * level + 1];
+      const scalar_t* level_value = batch_value + problem.level_start[level] * row_stride + head * head_dim;
+      for (int64_t point = 0; point < problem.num_points; ++point) {
+        const int64_t sample_index = first_sample + level * problem.num_points + point;
+        BilinearSample<acc_t> sample;
+        if (!bilinear_sample<acc_t>(static_cast<acc_t>(sampling_locations[2 * sample_index]),
+                                    static_cast<acc_t>(sampling_locations[2 * sample_index + 1]), height, width,
+                                    sample)) {
+          continue;
+        }
+        const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
+        for (int corner = 0; corner < 4; ++corner) {
+          if (!sample.valid[corner]) continue;
+          const acc_t corner_weight = attention * sample.weight[corner];
+          const scalar_t* corner_value = level_value + sample.offset[corner] * row_stride;
+#pragma omp simd
+          for (int64_t channel = 0; channel < head_dim; ++channel) {
+            accumulator[channel] += corner_weight * static_cast<acc_t>(corner_value[channel]);
+          }
+        }
+      }
+    }
+    scalar_t* output_row = output + batch_query * row_stride + head * head_dim;
+    for (int64_t channel = 0; channel < head_dim; ++channel) output_row[channel] = scalar_t(accumulator[channel]);
+  }
+}
+
+// One (batch, head, level) task of the backward pass; grad_value is in acc_t (fp32 for bf16 inputs).
+template <typename scalar_t, int kHeadDim>
+MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* value,
+                                      const scalar_t* sampling_locations, const scalar_t* attention_weights,
+                                      const scalar_t* grad_output, typename AccType<scalar_t>::type* grad_value,
+                                      scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
+                                      int64_t task) {
+  using acc_t = typename AccType<scalar_t>::type;
+  const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
+  const int64_t row_stride = problem.num_heads * head_dim;
+  const int64_t level = task % problem.num_levels;
+  const int64_t head = (task / problem.num_levels) % problem.num_heads;
+  const int64_t batch_index = task / (problem.num_levels * problem.num_heads);
+  const int64_t height = problem.spatial_shapes[2 * level];
+  const int64_t width = problem.spatial_shapes[2 * level + 1];
+  const int64_t level_offset =
+      (batch_index * problem.num_values + problem.level_start[level]) * row_stride + head * head_dim;
+  const scalar_t* level_value = value + level_offset;
+  acc_t* level_grad_value = grad_value + level_offset;
+
+  // Corners outside the map read a zero row and write a scratch row (with weight 0), keeping the channel loop
+  // branch-free.
+  std::vector<scalar_t> zero_row(head_dim, scalar_t(0));
+  std::vector<acc_t> scratch_row(head_dim, acc_t(0));
+  acc_t fixed_grad[kHeadDim > 0 ? kHeadDim : 1];
+  std::vector<acc_t> dynamic_grad(kHeadDim > 0 ? 0 : head_dim);
+  acc_t* grad = kHeadDim > 0 ? fixed_grad : dynamic_grad.data();
+
+  for (int64_t query = 0; query < problem.num_queries; ++query) {
+    const int64_t batch_query = batch_index * problem.num_queries + query;
+    const scalar_t* grad_output_row = grad_output + batch_query * row_stride + head * head_dim;
+    for (int64_t channel = 0; channel < head_dim; ++channel) grad[channel] = static_cast<acc_t>(grad_output_row[channel]);
+    const int64_t first_sample =
+        ((batch_query * problem.num_heads + head) * problem.num_levels + level) * problem.num_points;
+    for (int64_t point = 0; point < problem.num_points; ++point) {
+      const int64_t sample_index = first_sample + point;
+      BilinearSample<acc_t> sample;
+      // Gradients of samples with no corner inside the map stay at their zero initialisation.
+      if (!bilinear_sample<acc_t>(static_cast<acc_t>(sampling_locations[2 * sample_index]),
+                                  static_cast<acc_t>(sampling_locations[2 * sample_index + 1]), height, width,
+                                  sample)) {
+        continue;
+      }
+      const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
+      const scalar_t* corner_value[4];
+      acc_t* corner_grad[4];
+      acc_t corner_weight[4];
+      for (int corner = 0; corner < 4; ++corner) {
+        const bool inside = sample.valid[corner];
+        corner_value[corner] = inside ? level_value + sample.offset[corner] * row_stride : zero_row.data();
+        corner_grad[corner] = inside ? level_grad_value + sample.offset[corner] * row_stride : scratch_row.data();
+        corner_weight[corner] = attention * sample.weight[corner];
+      }
+      const scalar_t* value0 = corner_value[0];
+      const scalar_t* value1 = corner_value[1];
+      const scalar_t* value2 = corner_value[2];
+      const scalar_t* value3 = corner_value[3];
+      acc_t* grad0 = corner_grad[0];
+      acc_t* grad1 = corner_grad[1];
+      acc_t* grad2 = corner_grad[2];
+      acc_t* grad3 = corner_grad[3];
+      acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+      // The simd reduction order depends only on the vector width, never on the thread count.
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+      for (int64_t channel = 0; channel < head_dim; ++channel) {
+        const acc_t g = grad[channel];
+        dot0 += g * static_cast<acc_t>(value0[channel]);
+        dot1 += g * static_cast<acc_t>(value1[channel]);
+        dot2 += g * static_cast<acc_t>(value2[channel]);
+        dot3 += g * static_cast<acc_t>(value3[channel]);
+        grad0[channel] += corner_weight[0] * g;
+        grad1[channel] += corner_weight[1] * g;
+        grad2[channel] += corner_weight[2] * g;
+        grad3[channel] += corner_weight[3] * g;
+      }
+      const acc_t corner_dot[4] = {dot0, dot1, dot2, dot3};
+      acc_t d_sample, d_loc_x, d_loc_y;
+      sample_gradient<acc_t>(sample, corner_dot, height, width, d_sample, d_loc_x, d_loc_y);
+      grad_attention_weights[sample_index] = scalar_t(d_sample);
+      grad_sampling_locations[2 * sample_index] = scalar_t(attention * d_loc_x);
+      grad_sampling_locations[2 * sample_index + 1] = scalar_t(attention * d_loc_y);
+    }
+  }
+}
+
+// Head-dim specialisations; anything else runs the runtime-size loop.
+#define MSDA_DISPATCH_HEAD_DIM(head_dim, FUNC, ...) \
+  switch (head_dim) {                               \
+    case 32:                                        \
+      FUNC<scalar_t, 32>(__VA_ARGS__);              \
+      break;                                        \
+    case 64:                                        \
+      FUNC<scalar_t, 64>(__VA_ARGS__);              \
+      break;                                        \
+    case 16:                                        \
+      FUNC<scalar_t, 16>(__VA_ARGS__);              \
+      break;                                        \
+    default:                                        \
+      FUNC<scalar_t, 0>(__VA_ARGS__);               \
+  }
+
+// One multiversioned entry point per dtype (target_clones needs plain, non-template functions).
+#define MSDA_DEFINE_CPU_ENTRY_POINTS(scalar_type, suffix)                                                            \
+  MSDA_CPU_CLONES void forward_rows_##suffix(const Problem& problem, const scalar_type* value,                       \
+                                             const scalar_type* sampling_locations,                                  \
+                                             const scalar_type* attention_weights, scalar_type* output,              \
+                                             int64_t begin, int64_t end) {                                           \
+    using scalar_t = scalar_type;                                                                                    \
+    MSDA_DISPATCH_HEAD_DIM(problem.head_dim, forward_rows, problem, value, sampling_locations, attention_weights,    \
+                           output, begin, end)                                                                       \
+  }                                                                                                                  \
+  MSDA_CPU_CLONES void backward_task_##suffix(                                                                       \
+      const Problem& problem, const scalar_type* value, const scalar_type* sampling_locations,                       \
+      const scalar_type* attention_weights, const scalar_type* grad_output,                                          \
+      typename AccType<scalar_type>::type* grad_value, scalar_type* grad_sampling_locations,                         \
+      scalar_type* grad_attention_weights, int64_t task) {                                                           \
+    using scalar_t = scalar_type;                                                                                    \
+    MSDA_DISPATCH_HEAD_DIM(problem.head_dim, backward_task, problem, value, sampling_locations, attention_weights,   \
+                           grad_output, grad_value, grad_sampling_locations, grad_attention_weights, task)           \
+  }
+
+MSDA_DEFINE_CPU_ENTRY_POINTS(float, float)
+MSDA_DEFINE_CPU_ENTRY_POINTS(double, double)
+MSDA_DEFINE_CPU_ENTRY_POINTS(c10::BFloat16, bfloat16)
+
+inline void forward_rows_any(const Problem& p, const float* v, const float* l, const float* a, float* o, int64_t b,
+                             int64_t e) {
+  forward_rows_float(p, v, l, a, o, b, e);
+}
+inline void forward_rows_any(const Problem& p, const double* v, const double* l, const double* a, double* o,
+                             int64_t b, int64_t e) {
+  forward_rows_double(p, v, l, a, o, b, e);
+}
+inline void forward_rows_any(const Problem& p, const c10::BFloat16* v, const c10::BFloat16* l,
+                             const c10::BFloat16* a, c10::BFloat16* o, int64_t b, int64_t e) {
+  forward_rows_bfloat16(p, v, l, a, o, b, e);
+}
+inline void backward_task_any(const Problem& p, const float* v, const float* l, const float* a, const float* g,
+                              float* gv, float* gl, float* ga, int64_t t) {
+  backward_task_float(p, v, l, a, g, gv, gl, ga, t);
+}
+inline void backward_task_any(const Problem& p, const double* v, const double* l, const double* a, const double* g,
+                              double* gv, double* gl, double* ga, int64_t t) {
+  backward_task_double(p, v, l, a, g, gv, gl, ga, t);
+}
+inline void backward_task_any(const Problem& p, const c10::BFloat16* v, const c10::BFloat16* l,
+                              const c10::BFloat16* a, const c10::BFloat16* g, float* gv, c10::BFloat16* gl,
+                              c10::BFloat16* ga, int64_t t) {
+  backward_task_bfloat16(p, v, l, a, g, gv, gl, ga, t);
+}
+
+Problem make_problem(const at::Tensor& value, const at::Tensor& sampling_locations, const at::Tensor& spatial_shapes,
+                     std::vector<int64_t>& level_start) {
+  Problem problem;
+  problem.batch = value.size(0);
+  problem.num_values = value.size(1);
+  problem.num_heads = value.size(2);
+  problem.head_dim = value.size(3);
+  problem.num_queries = sampling_locations.size(1);
+  problem.num_levels = sampling_locations.size(3);
+  problem.num_points = sampling_locations.size(4);
+  problem.spatial_shapes = spatial_shapes.data_ptr<int64_t>();
+  level_start.resize(problem.num_levels);
+  level_start_rows(problem.spatial_shapes, problem.num_levels, level_start.data());
+  problem.level_start = level_start.data();
+  return problem;
+}
+
+void check_cpu_dtype(const at::Tensor& value) {
+  const auto dtype = value.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
+              "ms_deform_attn (CPU): unsupported dtype ", dtype, " for value of shape ", value.sizes(),
+              "; use float32, float64 or bfloat16");
+}
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tensor& spatial_shapes_in,
+                                      const at::Tensor& sampling_locations_in,
+                                      const at::Tensor& attention_weights_in) {
+  check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in);
+  check_cpu_dtype(value_in);
+  const auto value = value_in.contiguous();
+  const auto spatial_shapes = spatial_shapes_in.contiguous();
+  const auto sampling_locations = sampling_locations_in.contiguous();
+  const auto attention_weights = attention_weights_in.contiguous();
+  std::vector<int64_t> level_start;
+  const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
+  // (B, Q, h * D)
+  auto output = at::empty({problem.batch, problem.num_queries, problem.num_heads * problem.head_dim}, value.options());
+  if (output.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+    const scalar_t* value_data = value.data_ptr<scalar_t>();
+    const scalar_t* location_data = sampling_locations.data_ptr<scalar_t>();
+    const scalar_t* weight_data = attention_weights.data_ptr<scalar_t>();
+    scalar_t* output_data = output.data_ptr<scalar_t>();
+    // Grain of a few queries: enough work per chunk to amortise scheduling, fine enough to balance the threads.
+    at::parallel_for(0, problem.batch * problem.num_heads * problem.num_queries, 16, [&](int64_t begin, int64_t end) {
+      forward_rows_any(problem, value_data, location_data, weight_data, output_data, begin, end);
+    });
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& value_in, const at::Tensor& spatial_shapes_in, const at::Tensor& sampling_locations_in,
+    const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
+  check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in, &grad_output_in);
+  check_cpu_dtype(value_in);
+  const auto value = value_in.contiguous();
+  const auto spatial_shapes = spatial_shapes_in.contiguous();
+  const auto sampling_locations = sampling_locations_in.contiguous();
+  const auto attention_weights = attention_weights_in.contiguous();
+  const auto grad_output = grad_output_in.contiguous();
+  std::vector<int64_t> level_start;
+  const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
+  const bool reduced_precision = value.scalar_type() == at::kBFloat16;
+  // bf16 gradients of value are summed over many queries: accumulate them in fp32.
+  auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(reduced_precision ? at::kFloat : value.scalar_type()));
+  auto grad_sampling_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
+  auto grad_attention_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
+  const int64_t num_tasks = problem.batch * problem.num_heads * problem.num_levels;
+  if (value.numel() > 0 && attention_weights.numel() > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
+      using acc_t = typename AccType<scalar_t>::type;
+      const scalar_t* value_data = value.data_ptr<scalar_t>();
+      const scalar_t* location_data = sampling_locations.data_ptr<scalar_t>();
+      const scalar_t* weight_data = attention_weights.data_ptr<scalar_t>();
+      const scalar_t* grad_output_data = grad_output.data_ptr<scalar_t>();
+      acc_t* grad_value_data = grad_value_acc.data_ptr<acc_t>();
+      scalar_t* grad_location_data = grad_sampling_locations.data_ptr<scalar_t>();
+      scalar_t* grad_weight_data = grad_attention_weights.data_ptr<scalar_t>();
+      at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t task = begin; task < end; ++task) {
+          backward_task_any(problem, value_data, location_data, weight_data, grad_output_data, grad_value_data,
+                            grad_location_data, grad_weight_data, task);
+        }
+      });
+    });
+  }
+  auto grad_value = reduced_precision ? grad_value_acc.to(value.scalar_type()) : grad_value_acc;
+  return {grad_value, grad_sampling_locations, grad_attention_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mask2former, CPU, m) {
+  m.impl("ms_deform_attn_forward", &ms_deform_attn_forward_cpu);
+  m.impl("ms_deform_attn_backward", &ms_deform_attn_backward_cpu);
+}
+
+}  // namespace msda
+}  // namespace mask2former
