@@ -822,6 +822,7 @@ def load_dataset_for_segmentation(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     num_images: int | None = None,
+    num_val_images: int | None = None,
     image_size: int | None = None,
     **hub_kwargs: Any,
 ):
@@ -836,7 +837,9 @@ def load_dataset_for_segmentation(
             panoptic JSON, its thing segments) or ``"semantic"`` (any of them: records give the class of each pixel).
         transform: ``record -> record`` applied after decoding (e.g. ``transforms.coco_lsj_transform()``).
         on_bad_input: ``"raise"`` (default) or ``"skip"`` (skipped examples are logged and counted).
-        cache_dir, seed, num_images, image_size: for ``synthetic-shapes`` (default cache ``~/.cache/mask2former``).
+        cache_dir, seed, num_images, num_val_images, image_size: for ``synthetic-shapes`` (default cache
+            ``~/.cache/mask2former``).
+        hub_kwargs: ``load_hub_dataset`` options (``annotation_format``, ``column_mapping``, ``id2label``, ...).
 
     Returns:
         The dataset; ``segmentation_label_info(dataset)`` gives its labels. Each item is a record (module docstring).
@@ -854,12 +857,17 @@ def load_dataset_for_segmentation(
             synthetic_kwargs["num_images"] = num_images
         if image_size is not None:
             synthetic_kwargs["image_size"] = image_size
+        if num_val_images is not None:
+            synthetic_kwargs["num_val_images"] = num_val_images
         source = generate_synthetic_shapes(cache_dir, **synthetic_kwargs)
         source_text = str(source)
         task_for_files = "panoptic" if task != "instance" else "instance"
     else:
         task_for_files = task
     path = Path(source_text)
+    is_local_root = path.is_dir() and (_is_ade_root(path) or (path / "annotations").is_dir())
+    if is_local_root and hub_kwargs:
+        raise ValueError(f"{sorted(hub_kwargs)} only apply to Hub / parquet datasets, not to the local root {path}")
     if path.is_dir() and _is_ade_root(path):
         if task != "semantic":
             raise ValueError(f"{path} is an ADE20K (semantic) root; use task='semantic'")

@@ -1,0 +1,307 @@
+"""Loading: the COCO sample both ways, a fake ADE20K tree, a local parquet dataset, synthetic-shapes, bad input."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mask2former.training.datasets import (
+    id_to_rgb,
+    load_dataset_for_segmentation,
+    rgb_to_id,
+    segmentation_label_info,
+    semantic_label_map,
+)
+from mask2former.training.synthetic import generate_synthetic_shapes
+
+
+def _panoptic_json(root):
+    with open(root / "annotations" / "panoptic_val2017.json") as handle:
+        return json.load(handle)
+
+
+def test_coco_sample_loads_as_panoptic(coco_sample_root):
+    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    info = segmentation_label_info(dataset)
+    data = _panoptic_json(coco_sample_root)
+    # 133 classes, ids 1..200 remapped in increasing order, 80 things
+    category_ids = sorted(category["id"] for category in data["categories"])
+    assert info.num_labels == 133 and len(info.thing_ids) == 80
+    assert [info.category_ids[label] for label in range(133)] == category_ids
+    assert info.id2label[0] == "person" and info.label2id["person"] == 0
+    assert len(dataset) == 2
+    record = dataset[1]
+    annotation = data["annotations"][1]
+    assert record["image_id"] == str(annotation["image_id"])
+    assert record["image"].size == (640, 360) and record["segment_map"].shape == (360, 640)
+    # each listed segment has exactly the pixels of its colour in the official PNG, and its remapped label
+    png = rgb_to_id(
+        np.asarray(Image.open(coco_sample_root / "annotations" / "panoptic_val2017" / annotation["file_name"]))
+    )
+    assert np.array_equal(record["segment_map"], png)
+    for segment, segment_id, label, crowd in zip(
+        annotation["segments_info"], record["segment_ids"], record["class_labels"], record["iscrowd"]
+    ):
+        assert segment_id == segment["id"]
+        assert info.category_ids[label] == segment["category_id"]
+        assert crowd == bool(segment["iscrowd"])
+        assert (record["segment_map"] == segment_id).sum() == segment["area"]
+
+
+def test_coco_sample_loads_as_instances_with_the_same_masks(coco_sample_root):
+    panoptic = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    instance = load_dataset_for_segmentation(coco_sample_root, "val2017", "instance")
+    assert segmentation_label_info(instance).thing_ids == segmentation_label_info(panoptic).thing_ids
+    for index in range(2):
+        a, b = panoptic[index], instance[index]
+        assert a["image_id"] == b["image_id"]
+        # the RLE masks of the instances JSON are the panoptic segments: same (label, crowd, mask) sets
+        masks_a = {
+            (lab, c, (a["segment_map"] == s).tobytes())
+            for s, lab, c in zip(a["segment_ids"], a["class_labels"], a["iscrowd"])
+        }
+        masks_b = {
+            (lab, c, (b["segment_map"] == s).tobytes())
+            for s, lab, c in zip(b["segment_ids"], b["class_labels"], b["iscrowd"])
+        }
+        assert masks_a == masks_b
+
+
+def test_semantic_label_map_of_a_record(coco_sample_root):
+    record = load_dataset_for_segmentation(coco_sample_root, "val2017", "semantic")[0]
+    labels = semantic_label_map(record, ignore_label=255)
+    for segment_id, label in zip(record["segment_ids"], record["class_labels"]):
+        assert np.all(labels[record["segment_map"] == segment_id] == label)
+    assert np.all(labels[record["segment_map"] == 0] == 255)
+
+
+def _fake_ade20k(root, count=3, size=(24, 32)):
+    """ADEChallengeData2016 layout: images/<split>/*.jpg, annotations/<split>/*.png (value = class + 1, 0 = ignore)."""
+    rng = np.random.default_rng(0)
+    for folder in ("training", "validation"):
+        (root / "images" / folder).mkdir(parents=True)
+        (root / "annotations" / folder).mkdir(parents=True)
+        for index in range(count):
+            stem = f"ADE_{folder[:5]}_{index:08d}"
+            Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(
+                root / "images" / folder / f"{stem}.jpg"
+            )
+            annotation = np.zeros(size, dtype=np.uint8)
+            annotation[:, : size[1] // 2] = 3 + index  # class value 3 + index -> label 2 + index
+            annotation[: size[0] // 2, size[1] // 2 :] = 150  # the last class
+            Image.fromarray(annotation).save(root / "annotations" / folder / f"{stem}.png")
+    return root
+
+
+def test_ade20k_layout(tmp_path):
+    root = _fake_ade20k(tmp_path / "ADEChallengeData2016")
+    dataset = load_dataset_for_segmentation(root, "validation", "semantic")
+    info = segmentation_label_info(dataset)
+    assert info.num_labels == 150 and info.thing_ids == []
+    record = dataset[1]
+    assert record["class_labels"] == [3, 149]
+    labels = semantic_label_map(record)
+    assert np.all(labels[:, :16] == 3) and np.all(labels[:12, 16:] == 149) and np.all(labels[12:, 16:] == 255)
+    with pytest.raises(ValueError, match="task='semantic'"):
+        load_dataset_for_segmentation(root, "validation", "panoptic")
+
+
+def _write_parquet(tmp_path, coco_sample_root):
+    """A Hub-style parquet dataset (image, annotation PNG, segments_info) written by `datasets` itself."""
+    import datasets
+
+    data = _panoptic_json(coco_sample_root)
+    rows = {"picture": [], "panoptic": [], "segments": [], "key": []}
+    for image, annotation in zip(data["images"], data["annotations"]):
+        rows["picture"].append(str(coco_sample_root / "val2017" / image["file_name"]))
+        rows["panoptic"].append(str(coco_sample_root / "annotations" / "panoptic_val2017" / annotation["file_name"]))
+        rows["segments"].append(
+            [{k: s[k] for k in ("id", "category_id", "iscrowd")} for s in annotation["segments_info"]]
+        )
+        rows["key"].append(image["id"])
+    dataset = (
+        datasets.Dataset.from_dict(rows)
+        .cast_column("picture", datasets.Image())
+        .cast_column("panoptic", datasets.Image())
+    )
+    folder = tmp_path / "hub_dataset" / "data"
+    folder.mkdir(parents=True)
+    dataset.to_parquet(str(folder / "validation-00000-of-00001.parquet"))
+    return folder.parent, data["categories"]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_local_parquet_dataset_with_column_mapping(tmp_path, coco_sample_root, streaming):
+    folder, categories = _write_parquet(tmp_path, coco_sample_root)
+    dataset = load_dataset_for_segmentation(
+        str(folder),
+        "validation",
+        "panoptic",
+        streaming=streaming,
+        categories=categories,
+        column_mapping={"image": "picture", "annotation": "panoptic", "segments_info": "segments", "image_id": "key"},
+    )
+    reference = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    records = list(dataset) if streaming else [dataset[0], dataset[1]]
+    assert len(records) == 2
+    assert segmentation_label_info(dataset).category_ids == segmentation_label_info(reference).category_ids
+    for record, expected in zip(records, [reference[0], reference[1]]):
+        assert record["image_id"] == expected["image_id"]
+        assert np.array_equal(record["segment_map"], expected["segment_map"])
+        assert record["class_labels"] == expected["class_labels"] and record["iscrowd"] == expected["iscrowd"]
+        assert np.array_equal(np.asarray(record["image"]), np.asarray(expected["image"]))
+
+
+def test_parquet_missing_column_is_named(tmp_path, coco_sample_root):
+    folder, categories = _write_parquet(tmp_path, coco_sample_root)
+    with pytest.raises(ValueError, match="column_mapping"):
+        load_dataset_for_segmentation(str(folder), "validation", categories=categories)
+
+
+def test_instance_channels_layout(tmp_path):
+    """ade20k-mini layout: channel 0 = class value, channel 1 = instance id."""
+    import datasets
+
+    annotation = np.zeros((8, 8, 3), dtype=np.uint8)
+    annotation[:4, :4] = (2, 1, 0)  # class 2, instance 1
+    annotation[4:, :4] = (2, 2, 0)  # class 2, instance 2
+    annotation[:4, 4:] = (1, 1, 0)  # class 1, instance 1 (the same instance number, another class)
+    Image.fromarray(annotation).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "i.png")
+    dataset = datasets.Dataset.from_dict({"image": [str(tmp_path / "i.png")], "annotation": [str(tmp_path / "a.png")]})
+    dataset = dataset.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image())
+    (tmp_path / "set").mkdir()
+    dataset.to_parquet(str(tmp_path / "set" / "train.parquet"))
+    record = load_dataset_for_segmentation(
+        str(tmp_path / "set"), "train", "instance", annotation_format="instance_channels", id2label={1: "a", 2: "b"}
+    )[0]
+    assert len(record["segment_ids"]) == 3 and sorted(record["class_labels"]) == [0, 1, 1]
+    label_of = dict(zip(record["segment_ids"], record["class_labels"]))
+    assert label_of[record["segment_map"][0, 0]] == 1 and label_of[record["segment_map"][0, 7]] == 0
+    assert record["segment_map"][0, 0] != record["segment_map"][7, 0]
+    assert record["segment_map"][7, 7] == 0
+
+
+def test_synthetic_shapes_deterministic_and_read_as_coco(tmp_path):
+    first = generate_synthetic_shapes(tmp_path / "a", seed=3, num_images=4, num_val_images=2, image_size=48)
+    second = generate_synthetic_shapes(tmp_path / "b", seed=3, num_images=4, num_val_images=2, image_size=48)
+    other = generate_synthetic_shapes(tmp_path / "c", seed=4, num_images=4, num_val_images=2, image_size=48)
+    files = sorted(path.relative_to(first) for path in first.rglob("*") if path.is_file())
+    assert files == sorted(path.relative_to(second) for path in second.rglob("*") if path.is_file())
+    assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
+    assert any((first / f).read_bytes() != (other / f).read_bytes() for f in files if f.suffix == ".png")
+
+    dataset = load_dataset_for_segmentation(
+        "synthetic-shapes", "train", cache_dir=tmp_path / "a", seed=3, num_images=4, num_val_images=2, image_size=48
+    )
+    info = segmentation_label_info(dataset)
+    assert info.id2label == {0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "ground", 5: "water"}
+    assert info.thing_ids == [0, 1, 2] and info.category_ids[3] == 10
+    assert len(dataset) == 4
+    for record in dataset:
+        # every pixel belongs to a listed segment, each listed segment has pixels, stuff and things are present
+        assert set(np.unique(record["segment_map"]).tolist()) == set(record["segment_ids"])
+        assert any(label in info.thing_ids for label in record["class_labels"])
+        assert any(label not in info.thing_ids for label in record["class_labels"])
+    assert (
+        len(
+            load_dataset_for_segmentation(
+                "synthetic-shapes",
+                "val",
+                cache_dir=tmp_path / "a",
+                seed=3,
+                num_images=4,
+                num_val_images=2,
+                image_size=48,
+            )
+        )
+        == 2
+    )
+
+
+def test_dataloader_workers(coco_sample_root):
+    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=lambda batch: batch[0])
+    image_ids = sorted(record["image_id"] for record in loader)
+    assert image_ids == ["142238", "439180"]
+
+
+def _copy_sample(coco_sample_root, tmp_path):
+    root = tmp_path / "coco"
+    shutil.copytree(coco_sample_root, root)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return root
+
+
+def test_bad_input_errors_name_file_and_id(coco_sample_root, tmp_path):
+    root = _copy_sample(coco_sample_root, tmp_path)
+    data = _panoptic_json(root)
+    json_path = root / "annotations" / "panoptic_val2017.json"
+
+    # unknown category id -> error naming the image id; skip mode counts it
+    broken = json.loads(json.dumps(data))
+    broken["annotations"][0]["segments_info"][0]["category_id"] = 999
+    json_path.write_text(json.dumps(broken))
+    with pytest.raises(ValueError, match="142238.*unknown category ids \\[999\\]"):
+        load_dataset_for_segmentation(root, "val2017", "panoptic")
+    assert len(load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")) == 1
+
+    # segment id in the PNG absent from segments_info
+    broken = json.loads(json.dumps(data))
+    del broken["annotations"][1]["segments_info"][3]
+    json_path.write_text(json.dumps(broken))
+    dataset = load_dataset_for_segmentation(root, "val2017", "panoptic")
+    with pytest.raises(ValueError, match="000000439180.png.*439180.*segments_info does not list"):
+        dataset[1]
+
+    # annotation PNG of another size than its image
+    json_path.write_text(json.dumps(data))
+    png = root / "annotations" / "panoptic_val2017" / "000000142238.png"
+    Image.open(png).crop((0, 0, 100, 100)).save(png)
+    with pytest.raises(ValueError, match="000000142238.png.*142238.*100x100"):
+        load_dataset_for_segmentation(root, "val2017", "panoptic")[0]
+
+    # missing image
+    (root / "val2017" / "000000439180.jpg").unlink()
+    with pytest.raises(ValueError, match="000000439180.jpg.*439180"):
+        load_dataset_for_segmentation(root, "val2017", "panoptic")
+
+    # unreadable image
+    (root / "val2017" / "000000142238.jpg").write_bytes(b"not a jpeg")
+    json_path.write_text(json.dumps({**data, "images": data["images"][:1], "annotations": data["annotations"][:1]}))
+    with pytest.raises(ValueError, match="000000142238.jpg.*142238"):
+        load_dataset_for_segmentation(root, "val2017", "panoptic")[0]
+
+
+def test_images_without_annotations_are_kept(coco_sample_root, tmp_path):
+    root = _copy_sample(coco_sample_root, tmp_path)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 142238]
+    path.write_text(json.dumps(data))
+    dataset = load_dataset_for_segmentation(root, "val2017", "instance")
+    assert len(dataset) == 2
+    empty = dataset[0]
+    assert empty["image_id"] == "142238" and empty["segment_ids"] == [] and not empty["segment_map"].any()
+
+
+def test_polygon_instances(coco_sample_root, tmp_path):
+    root = _copy_sample(coco_sample_root, tmp_path)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    data["annotations"] = [a for a in data["annotations"] if a["image_id"] == 142238][:1]
+    data["annotations"][0]["segmentation"] = [[10, 10, 30, 10, 30, 20, 10, 20]]  # a rectangle polygon
+    path.write_text(json.dumps(data))
+    record = load_dataset_for_segmentation(root, "val2017", "instance")[0]
+    rows, cols = np.nonzero(record["segment_map"] == record["segment_ids"][0])
+    assert rows.min() >= 10 and rows.max() <= 20 and cols.min() >= 10 and cols.max() <= 30
+    assert 150 < len(rows) < 260
+
+
+def test_rgb_id_round_trip():
+    ids = np.array([[0, 1, 255, 256], [65535, 65536, 2**24 - 1, 3937500]])
+    assert np.array_equal(rgb_to_id(id_to_rgb(ids)), ids)
