@@ -12,7 +12,8 @@ float]`` (gathers across ``torch.distributed`` processes once, if initialised, a
   with panopticapi's algorithm (match when IoU > 0.5; void pixels are removed from the union; unmatched predictions
   covered more than half by void or by a crowd region of their class are not false positives; crowd segments are not
   false negatives). Predictions: ``{"segmentation": (H, W) ids, "segments_info": [{"id", "label_id"}, ...]}`` as
-  ``post_process_panoptic_segmentation`` returns them (ids <= 0 are "no segment"). Memory: 4 numbers per class.
+  ``post_process_panoptic_segmentation`` returns them (unlisted ids <= 0 are "no segment"). Memory: 4 numbers per
+  class.
 - ``InstanceEvaluator(thing_ids=None, ground_truth=None)``: COCO mask AP, AP50, AP75, APs, APm, APl through
   pycocotools' ``COCOeval`` (segm). Predictions: ``post_process_instance_segmentation`` output (an id map or, with
   ``return_binary_maps=True``, ``(N, H, W)`` masks, plus ``segments_info`` with ``label_id`` and ``score``), or
@@ -20,6 +21,7 @@ float]`` (gathers across ``torch.distributed`` processes once, if initialised, a
   (``ground_truth=path``). Only RLEs are kept, never full-resolution masks.
 - ``SemanticEvaluator(num_labels, ignore_label=255)``: mIoU, fwIoU, mACC, pACC from a confusion matrix.
   Predictions: ``(H, W)`` label maps; targets: records or ``(H, W)`` label maps with ``ignore_label``.
+- ``build_evaluator(task, label_info)``: the evaluator of a task, for a dataset's labels.
 - ``evaluate_panoptic_files``, ``evaluate_instance_files``, ``evaluate_semantic_files``: score prediction files in the
   datasets' own formats (the ``mask2former evaluate`` command), through the same evaluators.
 
@@ -102,7 +104,7 @@ def panoptic_image_statistics(
     Args:
         target_map: ``(H, W)`` ground-truth segment ids, 0 = void.
         target_segments: ``(segment id, label, iscrowd)`` of the ground-truth segments.
-        prediction_map: ``(H, W)`` predicted segment ids, ``<= 0`` = no segment.
+        prediction_map: ``(H, W)`` predicted segment ids; ids ``<= 0`` not in ``prediction_segments`` = no segment.
         prediction_segments: ``(segment id, label)`` of the predicted segments.
     """
     if target_map.shape != prediction_map.shape:
@@ -111,7 +113,27 @@ def panoptic_image_statistics(
             f"{target_map.shape[1]}x{target_map.shape[0]}"
         )
     statistics = np.zeros((4, num_labels), dtype=np.float64)
-    prediction_map = np.where(prediction_map > 0, prediction_map, 0)
+    gt_info = {int(segment_id): (int(label), bool(crowd)) for segment_id, label, crowd in target_segments}
+    pred_info = {int(segment_id): int(label) for segment_id, label in prediction_segments}
+    if len(pred_info) != len(prediction_segments):
+        raise ValueError(f"image {image_id!r}: repeated segment ids in the prediction's segments_info")
+    for segment_id, label in [(s, lab) for s, (lab, _) in gt_info.items()] + list(pred_info.items()):
+        if not 0 <= label < num_labels:
+            raise ValueError(f"image {image_id!r}: segment {segment_id} has label {label}, not in 0..{num_labels - 1}")
+    if 0 in gt_info:
+        raise ValueError(f"image {image_id!r}: ground-truth segment id 0 is reserved for void")
+    # unlisted ids <= 0 are "no segment" (a listed id, even 0, is a segment); unlisted positive ids are an error
+    prediction_values = np.unique(prediction_map)
+    unlisted = [int(s) for s in prediction_values if int(s) > 0 and int(s) not in pred_info]
+    if unlisted:
+        raise ValueError(
+            f"image {image_id!r}: predicted segment ids {unlisted} are in the map but not in segments_info"
+        )
+    void_values = [int(s) for s in prediction_values if int(s) not in pred_info]
+    # (H, W) ids -> (H, W) ids with every "no segment" value folded into one that no listed segment uses
+    pred_void_id = min([0, *pred_info]) - 1
+    if void_values:
+        prediction_map = np.where(np.isin(prediction_map, void_values), pred_void_id, prediction_map)
     gt_ids, gt_index = np.unique(target_map, return_inverse=True)
     pred_ids, pred_index = np.unique(prediction_map, return_inverse=True)
     # joint histogram: (H*W,) pairs -> (num gt ids, num pred ids) pixel counts
@@ -122,19 +144,6 @@ def panoptic_image_statistics(
     pred_area = intersections.sum(axis=0)
     gt_row = {int(segment_id): row for row, segment_id in enumerate(gt_ids)}
     pred_column = {int(segment_id): column for column, segment_id in enumerate(pred_ids)}
-
-    gt_info = {int(segment_id): (int(label), bool(crowd)) for segment_id, label, crowd in target_segments}
-    pred_info = {int(segment_id): int(label) for segment_id, label in prediction_segments}
-    if len(pred_info) != len(prediction_segments):
-        raise ValueError(f"image {image_id!r}: repeated segment ids in the prediction's segments_info")
-    for segment_id, label in [(s, lab) for s, (lab, _) in gt_info.items()] + list(pred_info.items()):
-        if not 0 <= label < num_labels:
-            raise ValueError(f"image {image_id!r}: segment {segment_id} has label {label}, not in 0..{num_labels - 1}")
-    unlisted = [int(s) for s in pred_ids if s != 0 and int(s) not in pred_info]
-    if unlisted:
-        raise ValueError(
-            f"image {image_id!r}: predicted segment ids {unlisted} are in the map but not in segments_info"
-        )
     unlisted = [int(s) for s in gt_ids if s != 0 and int(s) not in gt_info]
     if unlisted:
         raise ValueError(f"image {image_id!r}: ground-truth segment ids {unlisted} are in the map but not listed")
@@ -149,7 +158,7 @@ def panoptic_image_statistics(
         row = gt_row[gt_id]
         for column in np.nonzero(intersections[row])[0]:
             pred_id = int(pred_ids[column])
-            if pred_id == 0 or pred_info[pred_id] != gt_label:
+            if pred_id not in pred_info or pred_info[pred_id] != gt_label:
                 continue
             intersection = intersections[row, column]
             union = pred_area[column] + gt_area[row] - intersection - pred_void[column]

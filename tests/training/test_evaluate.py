@@ -9,6 +9,7 @@ from mask2former.training.evaluate import (
     InstanceEvaluator,
     PanopticEvaluator,
     SemanticEvaluator,
+    build_evaluator,
     panoptic_image_statistics,
 )
 
@@ -258,3 +259,40 @@ def test_gather_sums_statistics_across_processes(sample, monkeypatch):
     monkeypatch.setattr(evaluate_module, "_gather", lambda objects: [objects, second.statistics])
     assert first.compute() == pytest.approx(expected)
     assert expected["PQ"] < 100
+
+
+def test_listed_segment_id_zero_is_a_segment_and_unlisted_negative_ids_are_void(sample):
+    records, label_info = sample
+    record = records[0]
+    reference = panoptic_image_statistics(
+        record["segment_map"],
+        list(zip(record["segment_ids"], record["class_labels"], record["iscrowd"])),
+        record["segment_map"],
+        list(zip(record["segment_ids"], record["class_labels"])),
+        label_info.num_labels,
+    )
+    # renumber the prediction 0..N-1 with -1 for "no segment" (transformers' instance convention)
+    renumbered = np.full(record["segment_map"].shape, -1, dtype=np.int64)
+    for new_id, segment_id in enumerate(record["segment_ids"]):
+        renumbered[record["segment_map"] == segment_id] = new_id
+    statistics = panoptic_image_statistics(
+        record["segment_map"],
+        list(zip(record["segment_ids"], record["class_labels"], record["iscrowd"])),
+        renumbered,
+        list(enumerate(record["class_labels"])),
+        label_info.num_labels,
+    )
+    assert np.array_equal(statistics, reference)
+    assert statistics[0].sum() == sum(1 for crowd in record["iscrowd"] if not crowd)
+
+
+@pytest.mark.parametrize("task", ["panoptic", "instance", "semantic"])
+def test_build_evaluator(sample, task):
+    records, label_info = sample
+    evaluator = build_evaluator(task, label_info)
+    if task == "semantic":
+        evaluator.update([semantic_label_map(record) for record in records], records)
+        assert evaluator.compute()["mIoU"] == pytest.approx(100.0)
+    else:
+        evaluator.update([_panoptic_prediction(record) for record in records], records)
+        assert evaluator.compute()["PQ" if task == "panoptic" else "AP"] == pytest.approx(100.0)
