@@ -529,6 +529,17 @@ class SemanticEvaluator:
         }
 
 
+def build_evaluator(task: str, label_info: LabelInfo):
+    """The benchmark evaluator of ``task`` (``"panoptic"``, ``"instance"``, ``"semantic"``) for a dataset's labels."""
+    if task == "panoptic":
+        return PanopticEvaluator.from_label_info(label_info)
+    if task == "instance":
+        return InstanceEvaluator(label_info.thing_ids)
+    if task == "semantic":
+        return SemanticEvaluator(label_info.num_labels, label_info.ignore_label)
+    raise ValueError(f"unknown task {task!r}; use 'panoptic', 'instance' or 'semantic'")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Prediction files in the datasets' own formats (the `mask2former evaluate` command)
 # ---------------------------------------------------------------------------------------------------------------------
