@@ -273,9 +273,11 @@ def decide_upsampled(
     grid: BilinearGrid,
     weights: torch.Tensor | None = None,
     logit_threshold: float | None = None,
+    class_weights: torch.Tensor | None = None,
 ) -> UpsampledDecision:
     """Argmax over `maps (N, h, w)` upsampled on `grid`: of the values themselves, or with `weights (N,)` of
-    `weights x sigmoid(value)` (mask logits weighted by query scores).
+    `weights x sigmoid(value)` (mask logits weighted by query scores), or with `class_weights (N, K)` over the `K`
+    mixtures `sum_n class_weights[n, k] x sigmoid(value_n)` (semantic inference; winners are then classes).
 
     With `logit_threshold`, also whether the winner passes it and each map's area above it. Equal to upsampling the
     maps densely and deciding per pixel, up to float rounding at exact ties.
@@ -284,6 +286,9 @@ def decide_upsampled(
 
     def transform(values: torch.Tensor) -> torch.Tensor:
         # Increasing in each value, so bounds on the values bound the transformed scores.
+        if class_weights is not None:
+            # (N, ...) -> (K, ...); non-negative weights keep it increasing in each value
+            return torch.einsum("nk,n...->k...", class_weights, values.sigmoid())
         if weights is None:
             return values
         return weights.view(-1, *[1] * (values.ndim - 1)) * values.sigmoid()
@@ -291,7 +296,7 @@ def decide_upsampled(
     lower, upper = _cell_bounds(maps)  # (N, h, w) each
     # Every target pixel of a cell interpolates its 2x2 samples, so its value lies in [lower, upper].
     best_lower, winner_cell = transform(lower).max(0)  # (N, h, w) -> (h, w)
-    if num_maps > 1:
+    if (class_weights.shape[1] if class_weights is not None else num_maps) > 1:
         top_upper = transform(upper).topk(2, dim=0)  # (2, h, w)
         rival = torch.where(top_upper.indices[0] == winner_cell, top_upper.values[1], top_upper.values[0])
         certain = best_lower > rival
@@ -358,8 +363,8 @@ def post_process_semantic_segmentation(
 ) -> list[torch.Tensor] | list[dict[str, torch.Tensor]]:
     """Semantic maps: argmax over classes of sum over queries of softmax(class) x sigmoid(mask).
 
-    The per-class scores are formed at the mask resolution and upsampled bilinearly (interpolation is linear, so
-    this equals summing upsampled mask probabilities).
+    As in the paper's code, the mask logits are upsampled bilinearly before the sigmoid (decided per cell where
+    possible, see `decide_upsampled`).
 
     Returns:
         Per image a `(H, W)` long tensor of class ids, or with `return_segmentation_scores` a dict with
@@ -369,16 +374,15 @@ def post_process_semantic_segmentation(
     class_probs = class_logits.softmax(-1)[..., :-1]  # (B, Q, K+1) -> (B, Q, K)
     results = []
     for index, geometry in enumerate(geometries):
-        mask_probs = _crop(mask_logits[index], geometry).sigmoid()  # (Q, h, w)
-        class_scores = torch.einsum("qk,qhw->khw", class_probs[index], mask_probs)  # (K, h, w)
+        cropped = _crop(mask_logits[index], geometry)  # (Q, h, w)
         grid = _grid_for(mask_logits, geometry)
-        decision = decide_upsampled(class_scores, grid)
-        labels = torch.arange(class_scores.shape[0], device=class_scores.device)
+        decision = decide_upsampled(cropped, grid, class_weights=class_probs[index])
+        labels = torch.arange(class_probs.shape[-1], device=cropped.device)
         segmentation = decision.render(labels, fill=0)
         if return_segmentation_scores:
-            results.append(
-                {"segmentation": segmentation, "segmentation_scores": upsample_bilinear(class_scores, grid)}
-            )
+            # Dense (K, H, W) scores, as asked: upsampled mask probabilities mixed by class probabilities.
+            scores = torch.einsum("qk,qhw->khw", class_probs[index], upsample_bilinear(cropped, grid).sigmoid_())
+            results.append({"segmentation": segmentation, "segmentation_scores": scores})
         else:
             results.append(segmentation)
     return results
