@@ -105,7 +105,7 @@ class SegmentationCollator:
         images, segmentation_maps, mappings = [], [], []
         for record in records:
             segmentation_map, id_to_label = renumber_segments(record, self.task, self.thing_ids)
-            images.append(np.asarray(record["image"]))
+            images.append(np.array(record["image"]))  # a writable copy (torch warns on read-only arrays)
             segmentation_maps.append(segmentation_map)
             mappings.append(id_to_label)
         batch = self.processor(
@@ -116,10 +116,12 @@ class SegmentationCollator:
             **self.processor_kwargs,
         )
         mask_labels, class_labels = [], []
-        for masks, labels in zip(batch["mask_labels"], batch["class_labels"]):
+        for masks, labels, pixel_mask in zip(batch["mask_labels"], batch["class_labels"], batch["pixel_mask"]):
             labels = torch.as_tensor(labels, dtype=torch.long)
             keep = labels != _VOID_CLASS  # drop the void mask (present when the processor has no ignore_index)
-            mask_labels.append(torch.as_tensor(masks)[keep].float())  # (N_i + 1?, H, W) -> (N_i, H, W)
+            masks = torch.as_tensor(masks)[keep].float()  # (N_i + 1?, H, W) -> (N_i, H, W)
+            # padding is never part of an object (transformers' processor pads masks with its ignore_index)
+            mask_labels.append(masks * pixel_mask.to(masks.dtype))
             class_labels.append(labels[keep])
         batch["mask_labels"] = mask_labels
         batch["class_labels"] = class_labels
