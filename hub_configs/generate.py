@@ -192,11 +192,11 @@ def model_config(backbone: str, dataset: str) -> dict:
     }
 
 
-def preprocessor_config(num_labels: int) -> dict:
+def preprocessor_config(num_labels: int, size: int = 384) -> dict:
     return {
         "image_processor_type": "Mask2FormerImageProcessor",
         "do_resize": True,
-        "size": {"height": 384, "width": 384},
+        "size": {"height": size, "width": size},
         "resample": 2,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
@@ -237,7 +237,8 @@ def all_configs() -> dict[str, tuple[dict, dict]]:
             folders[f"mask2former-{backbone}-{dataset}"] = (config, preprocessor_config(len(config["id2label"])))
     for backbone in ("swin", "resnet"):
         config = tiny_config("coco-panoptic", backbone)
-        folders[f"tiny-{backbone}-coco-panoptic"] = (config, preprocessor_config(len(config["id2label"])))
+        # small inputs too, so that tests through the processor stay fast
+        folders[f"tiny-{backbone}-coco-panoptic"] = (config, preprocessor_config(len(config["id2label"]), size=128))
     return folders
 
 
