@@ -100,8 +100,10 @@ class SegmentationCollator:
         self.processor_kwargs = processor_kwargs
 
     def __call__(self, records: list[Record]):
+        # examples skipped while decoding (on_bad_input="skip") come as placeholders: leave them out
+        records = [record for record in records if not record.get("skipped")]
         if not records:
-            raise ValueError("cannot collate an empty batch")
+            raise ValueError("cannot collate an empty batch (every example in it was skipped or none was given)")
         images, segmentation_maps, mappings = [], [], []
         for record in records:
             segmentation_map, id_to_label = renumber_segments(record, self.task, self.thing_ids)

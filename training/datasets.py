@@ -25,7 +25,8 @@ API
 
 Loading is lazy (only paths and small per-segment lists are materialised, images and PNGs are decoded when an example
 is read), the datasets pickle into DataLoader workers, and bad input raises a ``ValueError`` naming the file and id,
-or is skipped and counted with ``on_bad_input="skip"`` (``skipped_examples(dataset)`` reports them).
+or is skipped and counted with ``on_bad_input="skip"`` (``skipped_examples()`` lists them; a map-style dataset
+returns a placeholder record with ``skipped=True`` for an example found bad when decoded, which the collator drops).
 """
 
 from __future__ import annotations
@@ -248,6 +249,7 @@ def _decode_row(row: dict[str, Any]) -> Record:
         "iscrowd": iscrowd,
         "image_id": image_id,
         "file_name": row.get("file_name") or os.path.basename(str(image_name)),
+        "skipped": False,
     }
 
 
@@ -365,13 +367,19 @@ class _Decoder:
 _SKIPPED: list[str] = []
 
 
+def _not_skipped(record: Record) -> bool:
+    return not record.get("skipped")
+
+
 def skipped_examples() -> list[str]:
     """Messages of the examples skipped (``on_bad_input="skip"``) in this process so far."""
     return list(_SKIPPED)
 
 
 def _empty_record() -> Record:
+    """Stands in for a skipped example in a map-style dataset (``skipped=True``; the collator leaves it out)."""
     return {
+        "skipped": True,
         "image": Image.new("RGB", (1, 1)),
         "segment_map": np.zeros((1, 1), dtype=np.int64),
         "segment_ids": [],
@@ -382,25 +390,20 @@ def _empty_record() -> Record:
     }
 
 
-def set_segmentation_transform(dataset, transform: Callable[[Record], Record] | None, on_bad_input: str = "raise"):
-    """Decode rows into records and then apply ``transform`` (lazily, on access). Returns the dataset to use.
-
-    For a map-style ``Dataset`` this is ``with_transform``; for an ``IterableDataset`` the raw (undecoded) stream is
-    mapped, so call it on the dataset ``load_dataset_for_segmentation`` returned with ``transform=None``... or simply
-    pass ``transform=`` to ``load_dataset_for_segmentation``.
-    """
+def set_segmentation_transform(dataset, transform: Callable[[Record], Record] | None):
+    """A copy of a map-style dataset from ``load_dataset_for_segmentation`` whose records pass through ``transform``
+    (replacing the previous one; decoding is kept). Streaming datasets take ``transform=`` when loaded."""
     datasets = _require_datasets()
-    decoder = _Decoder(transform, on_bad_input)
     if isinstance(dataset, datasets.IterableDataset):
-        raw = getattr(dataset, "_mask2former_raw", None)
-        if raw is None:
-            raise ValueError("pass transform= to load_dataset_for_segmentation for streaming datasets")
-        mapped = raw.map(_SingleRowDecoder(decoder), remove_columns=None)
-        mapped = mapped.filter(lambda record: record is not None and record.get("image_id") != "")
-        mapped._mask2former_raw = raw
-        mapped.info.description = raw.info.description
-        return mapped
-    return dataset.with_transform(decoder)
+        raise ValueError("for a streaming dataset pass transform= to load_dataset_for_segmentation")
+    current = (dataset.format.get("format_kwargs") or {}).get("transform")
+    if isinstance(current, _Decoder):
+        replacement = _Decoder(transform, current.on_bad_input)
+    elif isinstance(current, _HubDecoder):
+        replacement = _HubDecoder(current.converter, _Decoder(transform, current.decoder.on_bad_input))
+    else:
+        raise ValueError("set_segmentation_transform needs a dataset returned by load_dataset_for_segmentation")
+    return dataset.with_transform(replacement)
 
 
 class _SingleRowDecoder:
@@ -717,6 +720,16 @@ class _HubDecoder:
         return self.decoder({key: [row[key] for row in rows] for key in rows[0]})
 
 
+class _StreamingHubDecoder:
+    def __init__(self, converter: _HubRowConverter, decoder: _Decoder):
+        self.converter = converter
+        self.decoder = decoder
+
+    def __call__(self, row: dict[str, Any], index: int) -> Record:
+        record = self.decoder.decode_one(self.converter(row, index))
+        return record if record is not None else _empty_record()
+
+
 def _hub_label_info(dataset, columns, annotation_format, id2label, categories) -> LabelInfo:
     if categories is not None:
         return LabelInfo.from_coco_categories(categories)
@@ -793,12 +806,8 @@ def load_hub_dataset(
             raw = raw.cast_column(column, datasets.Image(decode=False))
     decoder = _Decoder(transform, on_bad_input)
     if streaming:
-        mapped = raw.map(
-            lambda row, index: _SingleRowDecoder(decoder)(converter(row, index)),
-            with_indices=True,
-            remove_columns=available,
-        )
-        return _attach_info(mapped, label_info, task)
+        mapped = raw.map(_StreamingHubDecoder(converter, decoder), with_indices=True, remove_columns=available)
+        return _attach_info(mapped.filter(_not_skipped), label_info, task)
     if not columns.get("image_id"):
         raw = raw.add_column("__index__", list(range(len(raw))))
         converter.columns = {**columns, "image_id": "__index__"}
@@ -924,7 +933,7 @@ def load_dataset_for_segmentation(
         mapped = dataset.map(
             _SingleRowDecoder(_Decoder(transform, on_bad_input)), remove_columns=list(_features_names())
         )
-        return _attach_info(mapped, label_info, task)
+        return _attach_info(mapped.filter(_not_skipped), label_info, task)
     return dataset.with_transform(_Decoder(transform, on_bad_input))
 
 

@@ -596,8 +596,9 @@ def evaluate_panoptic_files(
     skips = _Skips(on_bad_input)
     for target in _progress(dataset, len(dataset), "panoptic"):
         image_id = target["image_id"]
-        if not image_id:
-            continue  # a ground-truth example skipped while loading
+        if target.get("skipped"):
+            skips.messages.append("a ground-truth example (see the log)")
+            continue
         annotation = by_image.get(image_id)
         if annotation is None:
             skips(f"{predictions_json}: no prediction for image id {image_id}")
@@ -676,7 +677,8 @@ def evaluate_semantic_files(
     evaluator = SemanticEvaluator(label_info.num_labels, label_info.ignore_label)
     skips = _Skips(on_bad_input)
     for target in _progress(dataset, len(dataset), "semantic"):
-        if not target["image_id"]:
+        if target.get("skipped"):
+            skips.messages.append("a ground-truth example (see the log)")
             continue
         png_path = predictions_dir / f"{Path(target['file_name']).stem}.png"
         try:

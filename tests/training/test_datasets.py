@@ -305,3 +305,43 @@ def test_polygon_instances(coco_sample_root, tmp_path):
 def test_rgb_id_round_trip():
     ids = np.array([[0, 1, 255, 256], [65535, 65536, 2**24 - 1, 3937500]])
     assert np.array_equal(rgb_to_id(id_to_rgb(ids)), ids)
+
+
+def test_decode_time_skip_gives_a_placeholder_the_collator_drops(coco_sample_root, tmp_path):
+    from mask2former import Mask2FormerImageProcessor
+    from mask2former.training.collate import SegmentationCollator
+
+    root = _copy_sample(coco_sample_root, tmp_path)
+    png = root / "annotations" / "panoptic_val2017" / "000000142238.png"
+    Image.open(png).crop((0, 0, 100, 100)).save(png)
+    dataset = load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")
+    records = [dataset[0], dataset[1]]
+    assert records[0]["skipped"] and not records[1]["skipped"]
+    batch = SegmentationCollator(Mask2FormerImageProcessor(do_resize=False), keep_targets=True)(records)
+    assert [target["image_id"] for target in batch["targets"]] == ["439180"]
+    streamed = load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip", streaming=True)
+    assert [record["image_id"] for record in streamed] == ["439180"]
+
+
+def test_set_segmentation_transform(coco_sample_root):
+    from mask2former.training.datasets import set_segmentation_transform
+    from mask2former.training.transforms import RandomHorizontalFlip
+
+    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    flipped = set_segmentation_transform(dataset, RandomHorizontalFlip(prob=1.0))
+    assert np.array_equal(flipped[0]["segment_map"], dataset[0]["segment_map"][:, ::-1])
+    assert segmentation_label_info(flipped).num_labels == 133
+
+
+def test_optional_dependencies_fail_at_use_with_the_hint(coco_sample_root, monkeypatch):
+    import sys
+
+    from mask2former.training.evaluate import InstanceEvaluator
+
+    monkeypatch.setitem(sys.modules, "datasets", None)
+    with pytest.raises(ImportError, match=r"pip install 'mask2former\[train\]'"):
+        load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    monkeypatch.setitem(sys.modules, "pycocotools", None)
+    monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
+    with pytest.raises(ImportError, match=r"pycocotools.*pip install 'mask2former\[train\]'"):
+        InstanceEvaluator()
