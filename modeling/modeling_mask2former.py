@@ -105,6 +105,14 @@ class Mask2FormerPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
 
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # transformers treats models defined outside its package as "custom code" and then skips every module without
+        # parameters of its own (the decoder layers, the deformable attention...), leaving them uninitialised. Our
+        # _init_weights only writes through transformers.initialization, which itself skips loaded tensors, so the
+        # stock per-module initialisation is safe here.
+        return False
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         # Children are initialised before their parents, so a parent's rule overrides the generic one of its
