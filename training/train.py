@@ -317,6 +317,8 @@ def resolve_settings(args: argparse.Namespace, argv: Sequence[str] | None = None
 
 
 def _validate(settings: TrainSettings) -> None:
+    if settings.mixed_precision_explicit and settings.mixed_precision == "fp16" and not torch.cuda.is_available():
+        raise ValueError("--mixed-precision fp16 needs a GPU; on a CPU use 'bf16' or 'no'")
     if settings.task not in TASKS:
         raise ValueError(f"recipe task {settings.task!r} must be one of {TASKS}")
     if settings.max_steps is None and settings.epochs is None:
@@ -738,7 +740,8 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     np.random.seed(settings.seed)
 
     processor = build_processor(settings)
-    data = build_data(settings, processor)
+    with accelerator.main_process_first():  # the main process generates/caches the data, the others then read it
+        data = build_data(settings, processor)
     model = build_model(settings, data.label_info)
     num_parameters = sum(p.numel() for p in model.parameters())
 

@@ -1,0 +1,58 @@
+"""Exact resume: N steps + resume + N steps ends with the weights of 2N uninterrupted steps.
+
+The uninterrupted run checkpoints at step N (and keeps going); a second run starts in a fresh folder that holds only
+that checkpoint (plus a half-written temporary folder, as a kill during saving leaves it), resumes with
+``--resume-from latest`` and must reproduce the same losses and the same final weights: same data order (mid-epoch),
+same augmentation draws, same learning rate, same RNG stream for the point sampling, with gradient accumulation.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+from mask2former.training.train import list_checkpoints, main
+
+# 16 images, batch 1 x 2 micro-batches: 8 steps per epoch, so the step-5 checkpoint is mid-epoch, and the resumed
+# run crosses the epoch boundary (step 8) before it ends at step 10.
+ARGS = [
+    *("--recipe", "tiny-test", "--no-progress", "--max-steps", "10", "--save-every", "5", "--keep-last", "5"),
+    *("--per-device-batch-size", "1", "--gradient-accumulation-steps", "2", "--log-every", "1", "--seed", "3"),
+]
+
+
+def _losses(output_dir):
+    lines = (output_dir / "train_log.jsonl").read_text().splitlines()
+    return {record["step"]: (record["loss"], record["lr"]) for record in map(json.loads, lines)}
+
+
+def test_n_steps_resume_n_steps_equals_2n_steps(tmp_path):
+    straight = tmp_path / "straight"
+    assert main([*ARGS, "--output-dir", str(straight)]) == 0
+    midway = [path for path in list_checkpoints(straight) if path.name.endswith("00000005")][0]
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(midway, resumed / "checkpoints" / midway.name)
+    # what a run killed while writing its step-8 checkpoint leaves behind: resume must not pick it
+    broken = resumed / "checkpoints" / ".tmp-checkpoint-00000008"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"truncated")
+    assert main([*ARGS, "--output-dir", str(resumed), "--resume-from", "latest"]) == 0
+
+    straight_log, resumed_log = _losses(straight), _losses(resumed)
+    assert sorted(resumed_log) == list(range(6, 11))  # it continued at step 6
+    for step in range(6, 11):
+        assert resumed_log[step][1] == straight_log[step][1], f"learning rate differs at step {step}"
+        assert abs(resumed_log[step][0] - straight_log[step][0]) < 1e-5, f"loss differs at step {step}"
+
+    final_straight = load_file(straight / "model" / "model.safetensors")
+    final_resumed = load_file(resumed / "model" / "model.safetensors")
+    at_resume = load_file(midway / "pretrained" / "model.safetensors")
+    assert final_straight.keys() == final_resumed.keys()
+    for name in final_straight:
+        torch.testing.assert_close(final_resumed[name], final_straight[name], atol=1e-6, rtol=1e-5, msg=name)
+    # and the second half did train: the weights moved away from the checkpoint
+    assert any(not torch.equal(final_straight[name], at_resume[name]) for name in final_straight)
