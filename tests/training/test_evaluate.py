@@ -296,3 +296,53 @@ def test_build_evaluator(sample, task):
     else:
         evaluator.update([_panoptic_prediction(record) for record in records], records)
         assert evaluator.compute()["PQ" if task == "panoptic" else "AP"] == pytest.approx(100.0)
+
+
+def _distributed_worker(rank, world_size, init_file, records, predictions, num_labels, thing_ids, queue):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        # each process sees its own image; compute() gathers once
+        evaluators = {
+            "panoptic": PanopticEvaluator(num_labels, thing_ids),
+            "instance": InstanceEvaluator(thing_ids),
+            "semantic": SemanticEvaluator(num_labels),
+        }
+        evaluators["panoptic"].update(predictions[rank : rank + 1], records[rank : rank + 1])
+        evaluators["instance"].update(predictions[rank : rank + 1], records[rank : rank + 1])
+        evaluators["semantic"].update([semantic_label_map(records[rank])], records[rank : rank + 1])
+        queue.put((rank, {name: evaluator.compute() for name, evaluator in evaluators.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes each import torch
+def test_two_processes_gather_to_the_single_process_result(sample, tmp_path):
+    import torch.multiprocessing as mp
+
+    records, label_info = sample
+    segment_map, label_of, _ = _perturb(records[1], label_info)
+    predictions = [_panoptic_prediction(records[0]), _panoptic_prediction(records[1], label_of, segment_map)]
+    for info in predictions[1]["segments_info"]:
+        info["score"] = 0.5 if info["id"] == RELABELLED else 1.0
+    plain = [{key: value for key, value in record.items() if key != "image"} for record in records]
+    single = {
+        "panoptic": PanopticEvaluator.from_label_info(label_info),
+        "instance": InstanceEvaluator(label_info.thing_ids),
+        "semantic": SemanticEvaluator(label_info.num_labels),
+    }
+    single["panoptic"].update(predictions, plain)
+    single["instance"].update(predictions, plain)
+    single["semantic"].update([semantic_label_map(record) for record in plain], plain)
+    expected = {name: evaluator.compute() for name, evaluator in single.items()}
+
+    context = mp.get_context("spawn")
+    queue = context.SimpleQueue()
+    arguments = (2, str(tmp_path / "init"), plain, predictions, label_info.num_labels, label_info.thing_ids, queue)
+    mp.start_processes(_distributed_worker, args=arguments, nprocs=2, join=True, start_method="spawn")
+    results = dict(queue.get() for _ in range(2))
+    assert expected["panoptic"]["PQ"] < 100 and expected["instance"]["AP"] < 100
+    for rank in (0, 1):
+        for name in expected:
+            assert results[rank][name] == pytest.approx(expected[name], nan_ok=True)
