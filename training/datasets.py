@@ -343,9 +343,10 @@ class _Decoder:
         self.transform = transform
         self.on_bad_input = on_bad_input
 
-    def decode_one(self, row: dict[str, Any]) -> Record | None:
+    def decode_one(self, row: dict[str, Any], convert: Callable[[dict], dict] | None = None) -> Record | None:
+        """Decode one stored row (after ``convert``, for Hub rows); ``None`` when skipped as bad input."""
         try:
-            record = _decode_row(row)
+            record = _decode_row(convert(row) if convert is not None else row)
         except BadExampleError as error:
             if self.on_bad_input == "skip":
                 logger.warning("skipping example: %s", error)
@@ -485,10 +486,16 @@ def coco_panoptic_rows(
     png_dir = root / "annotations" / f"panoptic_{split}"
     with open(json_path) as handle:
         data = json.load(handle)
+    if not data.get("annotations"):
+        raise ValueError(f"{json_path} has an empty annotation list: nothing to load")
     label_info = LabelInfo.from_coco_categories(data["categories"])
     category_to_label = label_info.category_to_label
     images = {image["id"]: image for image in data["images"]}
     rows, skipped = [], []
+    annotated = {annotation["image_id"] for annotation in data["annotations"]}
+    for image_id in images:
+        if image_id not in annotated:
+            _check_bad(f"{json_path}: image id {image_id} has no panoptic annotation", on_bad_input, skipped)
     for annotation in data["annotations"]:
         image_id = annotation["image_id"]
         image = images.get(image_id)
@@ -543,6 +550,8 @@ def coco_instance_rows(
     json_path = root / "annotations" / f"instances_{split}.json"
     with open(json_path) as handle:
         data = json.load(handle)
+    if not data.get("annotations"):
+        raise ValueError(f"{json_path} has an empty annotation list: nothing to load")
     categories = data["categories"]
     panoptic_categories = root / "annotations" / "panoptic_coco_categories.json"
     if all("isthing" not in category for category in categories) and panoptic_categories.is_file():
@@ -716,8 +725,12 @@ class _HubDecoder:
 
     def __call__(self, batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
         size = len(next(iter(batch.values())))
-        rows = [self.converter({key: values[index] for key, values in batch.items()}) for index in range(size)]
-        return self.decoder({key: [row[key] for row in rows] for key in rows[0]})
+        records = [
+            self.decoder.decode_one({key: values[index] for key, values in batch.items()}, self.converter)
+            for index in range(size)
+        ]
+        records = [record if record is not None else _empty_record() for record in records]
+        return {key: [record[key] for record in records] for key in records[0]}
 
 
 class _StreamingHubDecoder:
@@ -726,7 +739,7 @@ class _StreamingHubDecoder:
         self.decoder = decoder
 
     def __call__(self, row: dict[str, Any], index: int) -> Record:
-        record = self.decoder.decode_one(self.converter(row, index))
+        record = self.decoder.decode_one(row, lambda raw: self.converter(raw, index))
         return record if record is not None else _empty_record()
 
 

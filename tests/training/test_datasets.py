@@ -345,3 +345,74 @@ def test_optional_dependencies_fail_at_use_with_the_hint(coco_sample_root, monke
     monkeypatch.setitem(sys.modules, "pycocotools.mask", None)
     with pytest.raises(ImportError, match=r"pycocotools.*pip install 'mask2former\[train\]'"):
         InstanceEvaluator()
+
+
+def test_semantic_parquet_dataset(tmp_path):
+    """A scene_parse_150-style parquet set: class map with 0 = unlabeled and classes 1..K."""
+    import datasets
+
+    annotation = np.zeros((6, 8), dtype=np.uint8)
+    annotation[:, :4] = 1
+    annotation[:3, 4:] = 3
+    Image.fromarray(annotation).save(tmp_path / "a.png")
+    Image.fromarray(np.full((6, 8, 3), 90, dtype=np.uint8)).save(tmp_path / "i.png")
+    dataset = datasets.Dataset.from_dict({"img": [str(tmp_path / "i.png")], "seg": [str(tmp_path / "a.png")]})
+    dataset = dataset.cast_column("img", datasets.Image()).cast_column("seg", datasets.Image())
+    (tmp_path / "set").mkdir()
+    dataset.to_parquet(str(tmp_path / "set" / "validation.parquet"))
+    loaded = load_dataset_for_segmentation(
+        str(tmp_path / "set"),
+        "validation",
+        "semantic",
+        annotation_format="semantic",
+        id2label={1: "wall", 2: "floor", 3: "sky"},
+        column_mapping={"image": "img", "annotation": "seg"},
+    )
+    info = segmentation_label_info(loaded)
+    assert info.id2label == {0: "wall", 1: "floor", 2: "sky"} and info.thing_ids == []
+    labels = semantic_label_map(loaded[0])
+    expected = np.full((6, 8), 255)
+    expected[:, :4] = 0
+    expected[:3, 4:] = 2
+    assert np.array_equal(labels, expected)
+    # a class value outside id2label is an error naming it, never a silent wrong label
+    annotation[0, 0] = 7
+    Image.fromarray(annotation).save(tmp_path / "a.png")
+    dataset.to_parquet(str(tmp_path / "set" / "validation.parquet"))
+    broken = load_dataset_for_segmentation(
+        str(tmp_path / "set"),
+        "validation",
+        "semantic",
+        annotation_format="semantic",
+        id2label={1: "wall", 2: "floor", 3: "sky"},
+        column_mapping={"image": "img", "annotation": "seg"},
+    )
+    with pytest.raises(ValueError, match="unknown class values \\[7\\]"):
+        broken[0]
+
+
+def test_hub_unknown_category_raises_or_is_skipped(tmp_path, coco_sample_root):
+    folder, categories = _write_parquet(tmp_path, coco_sample_root)
+    mapping = {"image": "picture", "annotation": "panoptic", "segments_info": "segments", "image_id": "key"}
+    fewer = [category for category in categories if category["id"] != 19]  # image 439180 has horses (19)
+    dataset = load_dataset_for_segmentation(str(folder), "validation", categories=fewer, column_mapping=mapping)
+    assert dataset[0]["image_id"] == "142238"
+    with pytest.raises(ValueError, match="439180.*unknown category 19"):
+        dataset[1]
+    skipping = load_dataset_for_segmentation(
+        str(folder), "validation", categories=fewer, column_mapping=mapping, on_bad_input="skip", streaming=True
+    )
+    assert [record["image_id"] for record in skipping] == ["142238"]
+
+
+def test_empty_annotation_list_and_unannotated_image(coco_sample_root, tmp_path):
+    root = _copy_sample(coco_sample_root, tmp_path)
+    json_path = root / "annotations" / "panoptic_val2017.json"
+    data = _panoptic_json(root)
+    json_path.write_text(json.dumps({**data, "annotations": []}))
+    with pytest.raises(ValueError, match="panoptic_val2017.json has an empty annotation list"):
+        load_dataset_for_segmentation(root, "val2017", "panoptic")
+    json_path.write_text(json.dumps({**data, "annotations": data["annotations"][:1]}))
+    with pytest.raises(ValueError, match="image id 439180 has no panoptic annotation"):
+        load_dataset_for_segmentation(root, "val2017", "panoptic")
+    assert len(load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")) == 1
