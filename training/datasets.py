@@ -603,8 +603,18 @@ ADE20K_SPLITS = {"train": "training", "training": "training", "val": "validation
 
 
 def ade20k_label_info(root: str | Path | None = None, num_labels: int = 150) -> LabelInfo:
-    """ADE20K's 150 classes (names from ``objectInfo150.txt`` / ``.csv`` in the root when present, else numbers)."""
+    """ADE20K's 150 classes: names from ``objectInfo150.txt`` / ``.csv`` in the root when present, else those of the
+    ADE20K checkpoints' configs, else numbers."""
     names = [f"class_{index}" for index in range(1, num_labels + 1)]
+    # the ADE20K checkpoints' configs (package data) carry the 150 names, in the dataset's order
+    packaged = (
+        Path(__file__).resolve().parents[1] / "hub_configs" / "mask2former-swin-tiny-ade-semantic" / "config.json"
+    )
+    if num_labels == 150 and packaged.is_file():
+        with open(packaged) as handle:
+            id2label = json.load(handle).get("id2label", {})
+        if len(id2label) == 150:
+            names = [id2label[str(index)] for index in range(150)]
     if root is not None:
         for candidate in ("objectInfo150.txt", "objectInfo150.csv"):
             path = Path(root) / candidate

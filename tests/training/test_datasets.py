@@ -101,6 +101,7 @@ def test_ade20k_layout(tmp_path):
     dataset = load_dataset_for_segmentation(root, "validation", "semantic")
     info = segmentation_label_info(dataset)
     assert info.num_labels == 150 and info.thing_ids == []
+    assert (info.id2label[0], info.id2label[2], info.id2label[149]) == ("wall", "sky", "flag")
     record = dataset[1]
     assert record["class_labels"] == [3, 149]
     labels = semantic_label_map(record)
