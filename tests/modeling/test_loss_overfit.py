@@ -1,0 +1,66 @@
+"""The whole objective trains: a tiny Mask2FormerForUniversalSegmentation overfits one batch on the CPU."""
+
+import torch
+from transformers import ResNetConfig
+
+from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+
+def tiny_config() -> Mask2FormerConfig:
+    backbone = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[8, 16, 32, 64],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+    )
+    return Mask2FormerConfig(
+        backbone_config=backbone,
+        feature_size=32,
+        mask_feature_size=32,
+        hidden_dim=32,
+        encoder_feedforward_dim=32,
+        encoder_layers=1,
+        decoder_layers=2,  # the query-only prediction plus one masked-attention layer: deep supervision on both
+        num_attention_heads=2,
+        dim_feedforward=32,
+        num_queries=6,
+        num_labels=3,
+        train_num_points=256,
+    )
+
+
+def test_tiny_model_overfits_one_batch():
+    # On a CPU shared with other work, one intra-op thread avoids oversubscription (10x faster here).
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = Mask2FormerForUniversalSegmentation(tiny_config()).train()
+        pixel_values = torch.randn(2, 3, 64, 64)
+        masks = torch.zeros(2, 2, 64, 64)
+        # Rectangles on the 4-pixel grid of the 1/4-resolution predictions, so near-perfect masks are reachable.
+        masks[0, 0, 8:40, 8:32] = 1
+        masks[0, 1, 32:60, 36:60] = 1
+        masks[1, 0, 4:28, 12:60] = 1
+        masks[1, 1, 36:60, 4:40] = 1
+        mask_labels = [masks[0], masks[1]]
+        # The same classes in both images: the first (query-only) prediction cannot depend on the image, and its
+        # auxiliary classification term could not go to zero otherwise.
+        class_labels = [torch.tensor([0, 2]), torch.tensor([2, 0])]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+        losses = []
+        for _ in range(100):
+            outputs = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+            optimizer.zero_grad()
+            outputs.loss.backward()
+            optimizer.step()
+            losses.append(outputs.loss.item())
+        assert set(outputs.loss_dict) == {
+            f"loss_{name}{suffix}" for name in ("cross_entropy", "mask", "dice") for suffix in ("", "_0")
+        }
+        # Point sampling makes each step's loss a random estimate: compare the mean of the last 5 steps.
+        final = sum(losses[-5:]) / 5
+        assert final <= 0.1 * losses[0], (losses[0], final)
+    finally:
+        torch.set_num_threads(previous_threads)
