@@ -81,6 +81,18 @@ def test_folder_builds_the_papers_model(folder):
     assert model.class_predictor.out_features == config.num_labels + 1  # + "no object"
 
 
+@pytest.mark.parametrize("folder", FOLDERS)
+def test_transformers_reads_the_same_config(folder):
+    # the folders are meant to be interchangeable with the Hub's: stock transformers must see the same architecture
+    import transformers
+
+    ours = Mask2FormerConfig.from_pretrained(HUB_CONFIGS / folder).to_dict()
+    theirs = transformers.Mask2FormerConfig.from_pretrained(HUB_CONFIGS / folder).to_dict()
+    for key in ("backbone_config", "num_queries", "hidden_dim", "decoder_layers", "encoder_layers", "id2label",
+                "class_weight", "mask_weight", "dice_weight", "no_object_weight", "train_num_points"):  # fmt: skip
+        assert ours[key] == theirs[key], key
+
+
 @pytest.mark.parametrize("folder", MODEL_ZOO)
 def test_label_maps_are_the_datasets_class_lists(folder, coco_sample_root):
     config = Mask2FormerConfig.from_pretrained(HUB_CONFIGS / folder)
