@@ -15,6 +15,7 @@ API
   ``class_labels`` list[int], contiguous label id (0..num_labels-1) of each segment
   ``iscrowd``      list[bool], crowd flag of each segment (crowd regions are not trained on, handled by the metrics)
   ``image_id``     str, the dataset's image id; ``file_name``: str, the image's file name
+  ``skipped``      bool, True only for the placeholder of an example skipped as bad input (see below)
 
   Semantic data (ADE20K) uses the same record: one segment per class present, segment id = label + 1.
 - ``segmentation_label_info(dataset) -> LabelInfo`` (``id2label``, ``label2id``, ``thing_ids``, ``category_ids``:
@@ -764,6 +765,18 @@ def _hub_label_info(dataset, columns, annotation_format, id2label, categories) -
             category_ids={label: key for label, (key, _) in enumerate(ordered)},
             thing_ids=list(range(len(ordered))) if annotation_format != "semantic" else [],
         )
+    # a ClassLabel feature on the segments' category ids names the classes (values 0..K-1)
+    features = getattr(dataset, "features", None) or {}
+    segments_feature = features.get(columns.get("segments_info") or "", None)
+    inner = getattr(segments_feature, "feature", None)
+    category_feature = inner.get("category_id") if isinstance(inner, dict) else None
+    names = getattr(category_feature, "names", None)
+    if annotation_format == "coco_panoptic" and names:
+        return LabelInfo(
+            id2label=dict(enumerate(names)),
+            category_ids={label: label for label in range(len(names))},
+            thing_ids=list(range(len(names))),
+        )
     raise ValueError(
         "a Hub dataset needs its labels: pass id2label={category value: name} (and thing_ids) or categories=[COCO "
         "category dicts]; for ADE20K-style data use id2label with the class values 1..150"
@@ -795,6 +808,7 @@ def load_hub_dataset(
             transformers instance-segmentation example's ade20k-mini layout: channel 0 = class, channel 1 = instance).
         column_mapping: our role -> the dataset's column: ``image``, ``annotation``, ``segments_info``, ``image_id``.
         id2label: dataset class value -> name. Labels are these values in increasing order, remapped to 0..K-1.
+            Without it (and without ``categories``), a ``ClassLabel`` on the segments' ``category_id`` names them.
         thing_ids: dataset class values that are things (default: all, except for semantic data).
         label_offset: dataset value of label 0 in class maps (default 1 when id2label starts at 1, else 0).
         ignore_value: class-map value meaning "unlabeled" (e.g. 255).

@@ -417,3 +417,37 @@ def test_empty_annotation_list_and_unannotated_image(coco_sample_root, tmp_path)
     with pytest.raises(ValueError, match="image id 439180 has no panoptic annotation"):
         load_dataset_for_segmentation(root, "val2017", "panoptic")
     assert len(load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")) == 1
+
+
+def test_hub_labels_from_a_class_label_feature(tmp_path, coco_sample_root):
+    import datasets
+
+    data = _panoptic_json(coco_sample_root)
+    annotation = data["annotations"][0]
+    categories = sorted({s["category_id"] for s in annotation["segments_info"]})
+    names = [f"category {category}" for category in categories]
+    segment_type = {
+        "id": datasets.Value("int64"),
+        "category_id": datasets.ClassLabel(names=names),
+        "iscrowd": datasets.Value("int64"),
+    }
+    features = datasets.Features(
+        {"image": datasets.Image(), "annotation": datasets.Image(), "segments_info": datasets.List(segment_type)}
+    )
+    segments = [
+        {"id": s["id"], "category_id": categories.index(s["category_id"]), "iscrowd": s["iscrowd"]}
+        for s in annotation["segments_info"]
+    ]
+    row = {
+        "image": [str(coco_sample_root / "val2017" / data["images"][0]["file_name"])],
+        "annotation": [str(coco_sample_root / "annotations" / "panoptic_val2017" / annotation["file_name"])],
+        "segments_info": [segments],
+    }
+    (tmp_path / "set").mkdir()
+    datasets.Dataset.from_dict(row, features=features).to_parquet(str(tmp_path / "set" / "train.parquet"))
+    loaded = load_dataset_for_segmentation(str(tmp_path / "set"), "train")
+    assert segmentation_label_info(loaded).id2label == dict(enumerate(names))
+    record = loaded[0]
+    assert [names[label] for label in record["class_labels"]] == [
+        f"category {s['category_id']}" for s in annotation["segments_info"]
+    ]
