@@ -624,21 +624,38 @@ def evaluate_instance_files(
     ground_truth_root: str | os.PathLike, split: str, predictions_json: str | os.PathLike, on_bad_input: str = "raise"
 ) -> dict[str, float]:
     """A COCO results JSON (``[{image_id, category_id, segmentation: RLE, score}]``) against
-    ``annotations/instances_<split>.json`` of a COCO root. Returns mask AP metrics (+ skip count)."""
+    ``annotations/instances_<split>.json`` of a COCO root, or, when the root has only panoptic annotations (e.g.
+    ``synthetic-shapes``), against the thing segments of those. Returns mask AP metrics (+ skip count)."""
     root = Path(ground_truth_root)
     split_name = split if (root / split).is_dir() or split.endswith(("2017", "2014")) else f"{split}2017"
     gt_path = root / "annotations" / f"instances_{split_name}.json"
-    if not gt_path.is_file():
-        raise ValueError(f"no instance ground truth {gt_path}")
-    with open(gt_path) as handle:
-        ground_truth = json.load(handle)
     with open(predictions_json) as handle:
         results = json.load(handle)
     if not isinstance(results, list):
         raise ValueError(f"{predictions_json}: a COCO results file is a JSON list of detections")
-    image_ids = {image["id"] for image in ground_truth["images"]}
-    category_ids = {category["id"] for category in ground_truth["categories"]}
-    evaluator = InstanceEvaluator(ground_truth=ground_truth, max_detections=10**9)
+    if gt_path.is_file():
+        with open(gt_path) as handle:
+            ground_truth = json.load(handle)
+        image_ids = {image["id"] for image in ground_truth["images"]}
+        category_ids = {category["id"] for category in ground_truth["categories"]}
+        evaluator = InstanceEvaluator(ground_truth=ground_truth, max_detections=10**9)
+    elif (root / "annotations" / f"panoptic_{split_name}.json").is_file():
+        dataset = load_dataset_for_segmentation(root, split, "panoptic", on_bad_input=on_bad_input)
+        label_info = segmentation_label_info(dataset)
+        # ground truth as the thing segments of the panoptic records, in the dataset's own category ids
+        evaluator = InstanceEvaluator(
+            [label_info.category_ids[label] for label in label_info.thing_ids], max_detections=10**9
+        )
+        image_ids = set()
+        for target in _progress(dataset, len(dataset), "ground truth"):
+            if target.get("skipped"):
+                continue
+            image_ids.add(int(target["image_id"]) if target["image_id"].isdigit() else target["image_id"])
+            categories = [label_info.category_ids[label] for label in target["class_labels"]]
+            evaluator._add_ground_truth({**target, "class_labels": categories})
+        category_ids = set(label_info.category_ids.values())
+    else:
+        raise ValueError(f"no instance ground truth {gt_path} (nor a panoptic JSON beside it)")
     skips = _Skips(on_bad_input)
     for index, result in enumerate(results):
         problem = None
@@ -651,6 +668,8 @@ def evaluate_instance_files(
         if problem:
             skips(f"{predictions_json}: detection {index}: {problem}")
             continue
+        if evaluator.thing_ids is not None and result["category_id"] not in evaluator.thing_ids:
+            continue  # a stuff class: not part of instance segmentation
         evaluator.detections.append(
             {
                 "image_id": str(result["image_id"]),

@@ -193,3 +193,29 @@ def test_semantic_pngs(tmp_path, capsys):
     path.unlink()
     code, _, error = _run(capsys, "--task", "semantic", "--ground-truth", root, "--predictions", predictions)
     assert code == 1 and "ADE_validation_00000001.png" in error
+
+
+def test_instance_results_against_panoptic_ground_truth(coco_sample_root, tmp_path, capsys):
+    """A root with only panoptic annotations: the ground truth is its thing segments."""
+    root = tmp_path / "coco"
+    shutil.copytree(coco_sample_root, root)
+    for path in [root, *root.rglob("*")]:
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    results_path = tmp_path / "results.json"
+    results, data = _instance_results(coco_sample_root, results_path)
+    (root / "annotations" / "instances_val2017.json").unlink()
+    code, metrics, _ = _run(capsys, "--task", "instance", "--ground-truth", root, "--predictions", results_path)
+    assert code == 0 and metrics["AP"] == pytest.approx(100.0)
+    # missing one horse: horse's curve stops at (n - 1) / n; the other thing classes stay perfect
+    things = {
+        c["id"]
+        for c in json.loads((root / "annotations" / "panoptic_coco_categories.json").read_text())
+        if c["isthing"]
+    }
+    horse = next(i for i, r in enumerate(results) if r["category_id"] == 19)
+    results_path.write_text(json.dumps(results[:horse] + results[horse + 1 :]))
+    code, metrics, _ = _run(capsys, "--task", "instance", "--ground-truth", root, "--predictions", results_path)
+    categories = {a["category_id"] for a in data["annotations"] if not a["iscrowd"] and a["category_id"] in things}
+    horses = sum(1 for a in data["annotations"] if a["category_id"] == 19 and not a["iscrowd"])
+    horse_ap = sum(1 for step in range(101) if step / 100 <= (horses - 1) / horses) / 101
+    assert metrics["AP"] == pytest.approx(100 * (horse_ap + len(categories) - 1) / len(categories))
