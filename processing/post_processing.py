@@ -206,9 +206,13 @@ def sample_bilinear(maps: torch.Tensor, grid: BilinearGrid, rows: torch.Tensor, 
     left, col_weight = grid.source_cols[cols], grid.col_weights[cols]
     bottom, right = (top + 1).clamp(max=height - 1), (left + 1).clamp(max=width - 1)
     flat = maps.flatten(1)  # (N, h, w) -> (N, h*w)
-    upper = flat[:, top * width + left] * (1 - col_weight) + flat[:, top * width + right] * col_weight
-    lower = flat[:, bottom * width + left] * (1 - col_weight) + flat[:, bottom * width + right] * col_weight
-    return upper * (1 - row_weight) + lower * row_weight
+
+    def corner(row_index: torch.Tensor, col_index: torch.Tensor) -> torch.Tensor:
+        return flat.index_select(1, row_index * width + col_index)  # (N, h*w) -> (N, M)
+
+    upper = torch.lerp(corner(top, left), corner(top, right), col_weight)
+    lower = torch.lerp(corner(bottom, left), corner(bottom, right), col_weight)
+    return torch.lerp(upper, lower, row_weight)
 
 
 def expand_cells(cell_values: torch.Tensor, grid: BilinearGrid) -> torch.Tensor:

@@ -124,42 +124,49 @@ def _confident_outputs(processor, samples, num_classes, num_queries=60, confiden
     return _outputs(class_logits, mask_logits), padded
 
 
+def _pair_counts(prediction, prediction_info, ids, segments):
+    """`(T+1, P+1)` pixel counts of every (truth segment, predicted segment) pair; row/column 0 = void/nothing."""
+    truth_index = torch.zeros_like(ids)
+    for position, segment in enumerate(segments):
+        truth_index[ids == segment["id"]] = position + 1
+    predicted_index = torch.zeros_like(ids)
+    for position, info in enumerate(prediction_info):
+        predicted_index[prediction.to(ids.device) == info["id"]] = position + 1
+    num_truths, num_predictions = len(segments) + 1, len(prediction_info) + 1
+    flat = (truth_index * num_predictions + predicted_index).flatten()
+    return torch.bincount(flat, minlength=num_truths * num_predictions).reshape(num_truths, num_predictions).double()
+
+
 def _panoptic_quality(prediction, prediction_info, ids, segments):
-    """PQ of one image, the COCO definition (matches at IoU > 0.5, void and crowd regions not counted)."""
-    void = ids == 0
-    crowd_by_label = {}
-    for segment in segments:
+    """PQ sums of one image, the COCO definition: a prediction matches a truth of its class at IoU > 0.5; void
+    pixels are left out of the union; unmatched predictions mostly on void or on a crowd region of their class are
+    not false positives. Returns (IoU sum, TP, FP, FN)."""
+    pairs = _pair_counts(prediction, prediction_info, ids, segments)
+    truth_area, predicted_area = pairs.sum(1), pairs.sum(0)
+    matched_truths, matched_predictions, iou_sum = set(), set(), 0.0
+    for t, segment in enumerate(segments, start=1):
         if segment["iscrowd"]:
-            crowd_by_label.setdefault(segment["label"], torch.zeros_like(void))
-            crowd_by_label[segment["label"]] |= ids == segment["id"]
-    truths = [s for s in segments if not s["iscrowd"]]
-    matched_truth, matched_prediction, iou_sum = set(), set(), 0.0
-    for truth in truths:
-        truth_mask = ids == truth["id"]
-        for info in prediction_info:
-            if info["label_id"] != truth["label"]:
-                continue
-            predicted = prediction == info["id"]
-            intersection = (truth_mask & predicted).sum().item()
-            union = (truth_mask | predicted).sum().item() - (predicted & void).sum().item()
-            if union and intersection / union > 0.5:
-                matched_truth.add(truth["id"])
-                matched_prediction.add(info["id"])
-                iou_sum += intersection / union
-    false_negatives = len(truths) - len(matched_truth)
-    false_positives = 0
-    for info in prediction_info:
-        if info["id"] in matched_prediction:
             continue
-        predicted = prediction == info["id"]
-        area = predicted.sum().item()
-        ignored = (predicted & void).sum().item()
-        if info["label_id"] in crowd_by_label:
-            ignored += (predicted & crowd_by_label[info["label_id"]]).sum().item()
-        if area and ignored / area <= 0.5:
+        for p, info in enumerate(prediction_info, start=1):
+            if info["label_id"] != segment["label"]:
+                continue
+            union = truth_area[t] + predicted_area[p] - pairs[t, p] - pairs[0, p]
+            iou = (pairs[t, p] / union).item() if union > 0 else 0.0
+            if iou > 0.5:
+                matched_truths.add(t)
+                matched_predictions.add(p)
+                iou_sum += iou
+    false_positives = 0
+    for p, info in enumerate(prediction_info, start=1):
+        if p in matched_predictions or predicted_area[p] == 0:
+            continue
+        ignored = pairs[0, p] + sum(
+            pairs[t, p] for t, s in enumerate(segments, start=1) if s["iscrowd"] and s["label"] == info["label_id"]
+        )
+        if ignored / predicted_area[p] <= 0.5:
             false_positives += 1
-    true_positives = len(matched_truth)
-    return iou_sum, true_positives, false_positives, false_negatives
+    num_truth_segments = sum(1 for s in segments if not s["iscrowd"])
+    return iou_sum, len(matched_truths), false_positives, num_truth_segments - len(matched_truths)
 
 
 def test_coco_ground_truth_comes_back_through_panoptic_post_processing(coco_sample_root):
@@ -174,14 +181,14 @@ def test_coco_ground_truth_comes_back_through_panoptic_post_processing(coco_samp
         prediction = result["segmentation"]
         assert prediction.shape == ids.shape
         totals += _panoptic_quality(prediction, result["segments_info"], ids, segments)
-        # Every non-crowd segment above 64 px is recognised with its class.
-        for segment in segments:
-            truth = ids == segment["id"]
-            if segment["iscrowd"] or truth.sum() <= 64:
+        # Every non-crowd segment above 64 px is recognised with its class (IoU > 0.5).
+        pairs = _pair_counts(prediction, result["segments_info"], ids, segments)
+        for t, segment in enumerate(segments, start=1):
+            if segment["iscrowd"] or pairs[t].sum() <= 64:
                 continue
             overlaps = [
-                (truth & (prediction == info["id"])).sum().item() / (truth | (prediction == info["id"])).sum().item()
-                for info in result["segments_info"]
+                (pairs[t, p] / (pairs[t].sum() + pairs[:, p].sum() - pairs[t, p])).item()
+                for p, info in enumerate(result["segments_info"], start=1)
                 if info["label_id"] == segment["label"]
             ]
             assert overlaps and max(overlaps) > 0.5, f"segment {segment} was not recovered"
@@ -232,17 +239,15 @@ def test_coco_instances_come_back_with_their_classes(coco_sample_root):
         outputs, target_sizes=[ids.shape for ids, _ in samples], return_binary_maps=True
     )
     for result, (ids, segments) in zip(results, samples):
-        masks = result["segmentation"]
-        for segment in segments:
-            truth = ids == segment["id"]
-            if segment["iscrowd"] or segment["label"] not in things or truth.sum() <= 64:
-                continue
-            best = max(
-                ((truth & masks[i]).sum() / (truth | masks[i]).sum()).item()
-                for i, info in enumerate(result["segments_info"])
-                if info["label_id"] == segment["label"]
-            )
-            assert best > 0.8
+        masks = result["segmentation"].flatten(1).float()  # (N, H*W)
+        labels = torch.tensor([info["label_id"] for info in result["segments_info"]])
+        wanted = [s for s in segments if not s["iscrowd"] and s["label"] in things and (ids == s["id"]).sum() > 64]
+        truths = torch.stack([(ids == s["id"]).flatten().float() for s in wanted])  # (T, H*W)
+        intersections = truths @ masks.T  # (T, N)
+        unions = truths.sum(1, keepdim=True) + masks.sum(1) - intersections
+        same_class = torch.tensor([s["label"] for s in wanted])[:, None] == labels[None]
+        best = torch.where(same_class, intersections / unions, 0).max(1).values
+        assert (best > 0.5).all(), best
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -257,7 +262,7 @@ def _two_overlapping_queries():
     small = (5 - ((rows - 22) ** 2 + (cols - 16) ** 2).float().sqrt()) * 2
     class_logits = torch.full((1, 3, 4), -10.0)
     class_logits[0, 0, 1] = 10
-    class_logits[0, 1, 2] = 6
+    class_logits[0, 1, 2] = class_logits[0, 1, 3] = 2  # class probability ~0.5
     class_logits[0, 2, 3] = 10  # no object
     mask_logits = torch.stack([large, small, torch.full_like(large, -10)])[None]
     return _outputs(class_logits, mask_logits)
@@ -266,8 +271,8 @@ def _two_overlapping_queries():
 def test_instance_overlap_threshold_is_honoured():
     processor = Mask2FormerImageProcessor()
     outputs = _two_overlapping_queries()
-    strict = processor.post_process_instance_segmentation(outputs, overlap_mask_area_threshold=0.8)[0]
-    loose = processor.post_process_instance_segmentation(outputs, overlap_mask_area_threshold=0.0)[0]
+    strict = processor.post_process_instance_segmentation(outputs, threshold=0.1, overlap_mask_area_threshold=0.8)[0]
+    loose = processor.post_process_instance_segmentation(outputs, threshold=0.1, overlap_mask_area_threshold=0.0)[0]
     # The smaller, lower-scoring disc is mostly hidden: dropped at 0.8, kept at 0.
     assert [info["label_id"] for info in strict["segments_info"]] == [1]
     assert sorted(info["label_id"] for info in loose["segments_info"]) == [1, 2]
@@ -280,7 +285,11 @@ def test_instance_mask_threshold_is_honoured():
     areas = []
     for mask_threshold in (0.2, 0.5, 0.9):
         result = processor.post_process_instance_segmentation(
-            outputs, mask_threshold=mask_threshold, overlap_mask_area_threshold=0.0, return_binary_maps=True
+            outputs,
+            threshold=0.1,
+            mask_threshold=mask_threshold,
+            overlap_mask_area_threshold=0.0,
+            return_binary_maps=True,
         )[0]
         first = [i for i, info in enumerate(result["segments_info"]) if info["label_id"] == 1][0]
         areas.append(result["segmentation"][first].sum().item())
@@ -293,10 +302,10 @@ def test_instance_rle_decodes_to_the_binary_maps():
     processor = Mask2FormerImageProcessor()
     outputs = _two_overlapping_queries()
     binary = processor.post_process_instance_segmentation(
-        outputs, overlap_mask_area_threshold=0.0, target_sizes=[(100, 90)], return_binary_maps=True
+        outputs, threshold=0.1, overlap_mask_area_threshold=0.0, target_sizes=[(100, 90)], return_binary_maps=True
     )[0]
     coco = processor.post_process_instance_segmentation(
-        outputs, overlap_mask_area_threshold=0.0, target_sizes=[(100, 90)], return_coco_annotation=True
+        outputs, threshold=0.1, overlap_mask_area_threshold=0.0, target_sizes=[(100, 90)], return_coco_annotation=True
     )[0]
     assert coco["segments_info"] == binary["segments_info"]
     decoded = np.stack([mask_utils.decode(rle) for rle in coco["segmentation"]])
