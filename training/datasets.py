@@ -32,6 +32,7 @@ returns a placeholder record with ``skipped=True`` for an example found bad when
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -181,17 +182,26 @@ class BadExampleError(ValueError):
 
 
 def _open_image(image: Any, what: str, image_id: str) -> Image.Image:
+    """A path, encoded bytes, an undecoded ``datasets.Image`` value (``{"bytes", "path"}``) or a PIL image -> PIL."""
     if image is None:
         raise BadExampleError(f"{what} of image {image_id!r} is missing")
-    if isinstance(image, dict):  # undecoded datasets.Image value
-        image = image.get("path") or image.get("bytes")
-    if isinstance(image, (str, os.PathLike)):
-        path = str(image)
+    name = None
+    if isinstance(image, dict):  # undecoded datasets.Image value: embedded bytes win over the (informative) path
+        name = image.get("path")
+        image = image.get("bytes") or name
+        if image is None:
+            raise BadExampleError(f"{what} of image {image_id!r} is missing")
+    if isinstance(image, (bytes, bytearray, str, os.PathLike)):
+        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else str(image)
+        name = str(image) if not isinstance(image, (bytes, bytearray)) else name or f"<{what} bytes>"
         try:
-            image = Image.open(path)
-            image.load()
+            opened = Image.open(source)
+            opened.load()
         except (OSError, ValueError) as error:
-            raise BadExampleError(f"cannot read {what} {path!r} of image {image_id!r}: {error}") from error
+            raise BadExampleError(f"cannot read {what} {name!r} of image {image_id!r}: {error}") from error
+        if not getattr(opened, "filename", ""):
+            opened.filename = name  # so that later messages can name the file
+        return opened
     return image
 
 

@@ -451,3 +451,39 @@ def test_hub_labels_from_a_class_label_feature(tmp_path, coco_sample_root):
     assert [names[label] for label in record["class_labels"]] == [
         f"category {s['category_id']}" for s in annotation["segments_info"]
     ]
+
+
+def test_parquet_with_embedded_bytes_only(tmp_path, coco_sample_root):
+    """Hub parquet files carry image bytes with a bare file name as path: the bytes are decoded."""
+    import datasets
+
+    data = _panoptic_json(coco_sample_root)
+    image_bytes = (coco_sample_root / "val2017" / data["images"][0]["file_name"]).read_bytes()
+    png_bytes = (
+        coco_sample_root / "annotations" / "panoptic_val2017" / data["annotations"][0]["file_name"]
+    ).read_bytes()
+    segments = [{k: s[k] for k in ("id", "category_id", "iscrowd")} for s in data["annotations"][0]["segments_info"]]
+    rows = {
+        "image": [{"bytes": image_bytes, "path": "no/such/dir/a.jpg"}],
+        "annotation": [{"bytes": png_bytes, "path": "no/such/dir/a.png"}],
+        "segments_info": [segments],
+    }
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "annotation": datasets.Image(),
+            "segments_info": datasets.List(
+                {
+                    "id": datasets.Value("int64"),
+                    "category_id": datasets.Value("int64"),
+                    "iscrowd": datasets.Value("int64"),
+                }
+            ),
+        }
+    )
+    (tmp_path / "set").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "set" / "train.parquet"))
+    record = load_dataset_for_segmentation(str(tmp_path / "set"), "train", categories=data["categories"])[0]
+    reference = load_dataset_for_segmentation(coco_sample_root, "val2017")[0]
+    assert np.array_equal(record["segment_map"], reference["segment_map"])
+    assert np.array_equal(np.asarray(record["image"]), np.asarray(reference["image"]))
