@@ -11,7 +11,7 @@ API
 
   ``image``        PIL.Image (RGB) (transforms turn it into a ``(H, W, 3)`` uint8 array)
   ``segment_map``  ``(H, W)`` int64 array of segment ids, 0 = void / ignore
-  ``segment_ids``  list[int], the segments present in the record (never 0)
+  ``segment_ids``  list[int], the segments with pixels in ``segment_map`` (never 0)
   ``class_labels`` list[int], contiguous label id (0..num_labels-1) of each segment
   ``iscrowd``      list[bool], crowd flag of each segment (crowd regions are not trained on, handled by the metrics)
   ``image_id``     str, the dataset's image id; ``file_name``: str, the image's file name
@@ -241,8 +241,13 @@ def _decode_row(row: dict[str, Any]) -> Record:
                     f"annotation {annotation_name!r} of image {image_id!r} has segment ids {sorted(unknown)} "
                     "that its segments_info does not list"
                 )
+            # a listed segment without pixels labels nothing: leave it out so that the lists match the map
+            keep = [index for index, segment_id in enumerate(segment_ids) if segment_id in present]
+            segment_ids = [segment_ids[index] for index in keep]
+            class_labels = [class_labels[index] for index in keep]
+            iscrowd = [iscrowd[index] for index in keep]
         elif annotation_format == "semantic":
-            # the class map was turned into segments when the row was built; pixels of a class map to its segment
+            # one segment per class present: segment id = label + 1 (0 = unlabeled)
             if array.ndim == 3:
                 array = array[..., 0]
             segment_map = _semantic_to_segment_map(array.astype(np.int64), row, annotation_name, image_id)
