@@ -106,7 +106,9 @@ def segment_held_out(output_dir: Path, recipe_name: str, num_overlays: int) -> d
         target_sizes = [tuple(target["segment_map"].shape[-2:]) for target in targets]
         with torch.no_grad():
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
-        predictions = post_process(processor, outputs, settings.task, target_sizes, data.label_info)
+        predictions = post_process(
+            processor, outputs, settings.task, target_sizes, data.label_info, settings.recipe.get("inference")
+        )
         evaluator.update(predictions, targets)
         for record, prediction, target in zip(records, predictions, targets):
             if written >= num_overlays:

@@ -502,11 +502,16 @@ def build_data(settings: TrainSettings, processor: Any) -> TrainingData:
     eval_records = load_dataset_for_segmentation(eval_source, split=eval_split, task=settings.task)
     label_info = segmentation_label_info(train_records)
     thing_ids = label_info.thing_ids
+    # The paper's augmentations already give fixed-size crops: the processor must not resize them again (its own
+    # resizing, saved with the model, is the inference one and still applies to evaluation).
+    train_processor_kwargs = (
+        {"do_resize": False} if settings.augmentation.get("name") in ("coco_lsj", "ade20k") else {}
+    )
     return TrainingData(
         train_dataset=AugmentedRecords(train_records, build_augmentation(settings.augmentation)),
         eval_dataset=AugmentedRecords(eval_records, None, settings.num_eval_images),
         label_info=label_info,
-        collate_fn=SegmentationCollator(processor, task=settings.task, thing_ids=thing_ids),
+        collate_fn=SegmentationCollator(processor, task=settings.task, thing_ids=thing_ids, **train_processor_kwargs),
         eval_collate_fn=SegmentationCollator(processor, task=settings.task, thing_ids=thing_ids, keep_targets=True),
     )
 
@@ -610,23 +615,43 @@ def evaluate_model(
                 pixel_values=batch["pixel_values"].to(accelerator.device),
                 pixel_mask=batch["pixel_mask"].to(accelerator.device),
             )
-        predictions = post_process(processor, outputs, settings.task, target_sizes, data.label_info)
+        predictions = post_process(
+            processor, outputs, settings.task, target_sizes, data.label_info, settings.recipe.get("inference")
+        )
         evaluator.update(predictions, targets)
     model.train(was_training)
     return evaluator.compute()
 
 
-def post_process(processor: Any, outputs: Any, task: str, target_sizes: list[tuple[int, int]], label_info: Any):
-    """The processor's post-processing for ``task`` at the images' sizes (the paper's inference settings)."""
+INFERENCE_DEFAULTS = {"threshold": 0.8, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.8}
+
+
+def post_process(
+    processor: Any,
+    outputs: Any,
+    task: str,
+    target_sizes: list[tuple[int, int]],
+    label_info: Any,
+    inference: dict[str, float] | None = None,
+):
+    """The processor's post-processing for ``task`` at the images' sizes.
+
+    ``inference`` (the recipe's ``inference`` dict) sets ``threshold`` (minimum class score of a kept segment),
+    ``mask_threshold`` and ``overlap_mask_area_threshold``; the defaults are the paper's panoptic settings (0.8, 0.5,
+    0.8). Instance evaluation keeps every query (AP ranks them by score), as the paper's inference does.
+    """
+    settings = {**INFERENCE_DEFAULTS, **(inference or {})}
     if task == "semantic":
         return processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
     if task == "instance":
-        return processor.post_process_instance_segmentation(outputs, threshold=0.0, target_sizes=target_sizes)
+        return processor.post_process_instance_segmentation(
+            outputs, threshold=0.0, mask_threshold=settings["mask_threshold"], target_sizes=target_sizes
+        )
     return processor.post_process_panoptic_segmentation(
         outputs,
-        threshold=0.8,
-        mask_threshold=0.5,
-        overlap_mask_area_threshold=0.8,
+        threshold=settings["threshold"],
+        mask_threshold=settings["mask_threshold"],
+        overlap_mask_area_threshold=settings["overlap_mask_area_threshold"],
         label_ids_to_fuse=set(label_info.stuff_ids),  # one segment per stuff class, as the paper's inference
         target_sizes=target_sizes,
     )
