@@ -223,6 +223,11 @@ def _decode_row(row: dict[str, Any]) -> Record:
 
     if annotation_format == "coco_instance":
         segment_map = _render_instances(row["segmentations"], segment_ids, height, width, image_id)
+        present = set(np.unique(segment_map).tolist())
+        keep = [index for index, segment_id in enumerate(segment_ids) if segment_id in present]
+        segment_ids = [segment_ids[index] for index in keep]
+        class_labels = [class_labels[index] for index in keep]
+        iscrowd = [iscrowd[index] for index in keep]
     else:
         annotation = _open_image(row["annotation"], "annotation", image_id)
         annotation_name = getattr(annotation, "filename", "") or f"annotation of {image_id}"
