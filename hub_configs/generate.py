@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+
 HUB_CONFIGS = Path(__file__).resolve().parent
 COCO_CATEGORIES = HUB_CONFIGS.parent.parent / "shared" / "data" / "coco-panoptic-sample" / "annotations"
 
@@ -153,6 +155,11 @@ TWO_HUNDRED_QUERIES = {"coco-panoptic", "coco-instance", "ade-panoptic", "citysc
                        "mapillary-vistas-panoptic"}  # fmt: skip
 
 
+def ignore_label(dataset: str) -> int:
+    # detectron2's dataset metadata: Mapillary Vistas ignores label 65 (its "unlabeled"), the others 255
+    return 65 if dataset.startswith("mapillary-vistas") else 255
+
+
 def model_config(backbone: str, dataset: str) -> dict:
     classes = DATASETS[dataset]()
     num_queries = 200 if backbone == "swin-large" and dataset in TWO_HUNDRED_QUERIES else 100
@@ -174,7 +181,7 @@ def model_config(backbone: str, dataset: str) -> dict:
         "pre_norm": False,
         "enforce_input_projection": False,
         "common_stride": 4,
-        "ignore_value": 255,
+        "ignore_value": ignore_label(dataset),
         "num_queries": num_queries,
         "no_object_weight": 0.1,
         "class_weight": 2.0,
@@ -192,19 +199,25 @@ def model_config(backbone: str, dataset: str) -> dict:
     }
 
 
-def preprocessor_config(num_labels: int, size: int = 384) -> dict:
+# The original configs' PIXEL_MEAN / PIXEL_STD (0-255), divided by 255 in float32 as the published files carry them.
+PIXEL_MEAN = (np.array([123.675, 116.280, 103.530], dtype=np.float32) / np.float32(255)).tolist()
+PIXEL_STD = (np.array([58.395, 57.120, 57.375], dtype=np.float32) / np.float32(255)).tolist()
+
+
+def preprocessor_config(num_labels: int, ignore_index: int = 255, shortest_edge: int = 384) -> dict:
+    # The published processors resize the shortest edge to 384 (longest at most 1333) and pad to multiples of 32.
     return {
         "image_processor_type": "Mask2FormerImageProcessor",
         "do_resize": True,
-        "size": {"height": size, "width": size},
+        "size": {"shortest_edge": shortest_edge, "longest_edge": 1333},
         "resample": 2,
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": [0.485, 0.456, 0.406],
-        "image_std": [0.229, 0.224, 0.225],
+        "image_mean": PIXEL_MEAN,
+        "image_std": PIXEL_STD,
         "size_divisor": 32,
-        "ignore_index": 255,
+        "ignore_index": ignore_index,
         "do_reduce_labels": False,
         "num_labels": num_labels,
     }
@@ -230,15 +243,17 @@ def all_configs() -> dict[str, tuple[dict, dict]]:
     for dataset, backbones in PUBLISHED.items():
         for backbone in backbones:
             config = model_config(backbone, dataset)
-            folders[f"mask2former-{backbone}-{dataset}"] = (config, preprocessor_config(len(config["id2label"])))
+            preprocessor = preprocessor_config(len(config["id2label"]), config["ignore_value"])
+            folders[f"mask2former-{backbone}-{dataset}"] = (config, preprocessor)
     for dataset, backbones in RESNET_VARIANTS.items():
         for backbone in backbones:
             config = model_config(backbone, dataset)
-            folders[f"mask2former-{backbone}-{dataset}"] = (config, preprocessor_config(len(config["id2label"])))
+            preprocessor = preprocessor_config(len(config["id2label"]), config["ignore_value"])
+            folders[f"mask2former-{backbone}-{dataset}"] = (config, preprocessor)
     for backbone in ("swin", "resnet"):
         config = tiny_config("coco-panoptic", backbone)
         # small inputs too, so that tests through the processor stay fast
-        folders[f"tiny-{backbone}-coco-panoptic"] = (config, preprocessor_config(len(config["id2label"]), size=128))
+        folders[f"tiny-{backbone}-coco-panoptic"] = (config, preprocessor_config(133, shortest_edge=128))
     return folders
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,7 +123,12 @@ def test_preprocessor_config_loads_and_agrees_with_the_model(folder):
     processor = Mask2FormerImageProcessor.from_pretrained(HUB_CONFIGS / folder)
     assert processor.num_labels == config.num_labels
     assert processor.size_divisor == 32  # the pixel decoder needs inputs divisible by the largest stride
-    assert processor.ignore_index == config.ignore_value
+    assert processor.ignore_index == config.ignore_value == (65 if "mapillary" in folder else 255)
+    # ImageNet statistics, and an aspect-preserving resize (shortest edge) as the published processors do
+    np.testing.assert_allclose(processor.image_mean, [0.485, 0.456, 0.406], rtol=1e-6)
+    np.testing.assert_allclose(processor.image_std, [0.229, 0.224, 0.225], rtol=1e-6)
+    expected_edge = 128 if folder.startswith("tiny-") else 384
+    assert (processor.size["shortest_edge"], processor.size["longest_edge"]) == (expected_edge, 1333)
 
 
 @pytest.mark.parametrize("folder", [name for name in FOLDERS if name.startswith("tiny-")])
