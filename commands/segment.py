@@ -208,6 +208,9 @@ def load_model_and_processor(model_id: str, device: Any) -> tuple[Any, Any]:
     """Our model and processor from a Hub id or a local folder (the processor's defaults if it has none)."""
     from mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
+    looks_like_path = Path(model_id).is_absolute() or model_id.startswith(".") or model_id.count("/") > 1
+    if looks_like_path and not Path(model_id).is_dir():
+        raise ValueError(f"--model {model_id}: no such folder; give a model folder or a Hub id (facebook/...).")
     model = Mask2FormerForUniversalSegmentation.from_pretrained(model_id).to(device).eval()
     try:
         processor = Mask2FormerImageProcessor.from_pretrained(model_id)
@@ -301,7 +304,7 @@ def main(args: argparse.Namespace) -> int:
         written, skipped = segment(
             args.inputs, args.model, args.task, args.output_dir, args.device, args.batch_size, args.threshold
         )
-    except ValueError as error:
+    except (ValueError, OSError) as error:  # bad arguments; a model that cannot be found or loaded
         print(f"error: {error}")
         return 1
     print(f"wrote {len(written)} result(s) to {args.output_dir}")

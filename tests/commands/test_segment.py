@@ -147,3 +147,8 @@ def test_bad_arguments_are_reported(tmp_path, tiny_model_dir, capsys):
     (tmp_path / "empty").mkdir()
     assert _run(tmp_path / "empty", tiny_model_dir, "semantic", tmp_path / "out") == 1
     assert "no images found" in capsys.readouterr().out
+    (tmp_path / "one").mkdir()
+    Image.new("RGB", (32, 24)).save(tmp_path / "one" / "a.png")
+    assert _run(tmp_path / "one", tmp_path / "no-such-model", "semantic", tmp_path / "out") == 1
+    printed = capsys.readouterr().out
+    assert "error: --model" in printed and "no-such-model" in printed
