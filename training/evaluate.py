@@ -35,6 +35,7 @@ import contextlib
 import io
 import json
 import os
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,68 +123,74 @@ def panoptic_image_statistics(
             raise ValueError(f"image {image_id!r}: segment {segment_id} has label {label}, not in 0..{num_labels - 1}")
     if 0 in gt_info:
         raise ValueError(f"image {image_id!r}: ground-truth segment id 0 is reserved for void")
-    # unlisted ids <= 0 are "no segment" (a listed id, even 0, is a segment); unlisted positive ids are an error
-    prediction_values = np.unique(prediction_map)
-    unlisted = [int(s) for s in prediction_values if int(s) > 0 and int(s) not in pred_info]
-    if unlisted:
-        raise ValueError(
-            f"image {image_id!r}: predicted segment ids {unlisted} are in the map but not in segments_info"
-        )
-    void_values = [int(s) for s in prediction_values if int(s) not in pred_info]
-    # (H, W) ids -> (H, W) ids with every "no segment" value folded into one that no listed segment uses
-    pred_void_id = min([0, *pred_info]) - 1
-    if void_values:
-        prediction_map = np.where(np.isin(prediction_map, void_values), pred_void_id, prediction_map)
-    gt_ids, gt_index = np.unique(target_map, return_inverse=True)
-    pred_ids, pred_index = np.unique(prediction_map, return_inverse=True)
-    # joint histogram: (H*W,) pairs -> (num gt ids, num pred ids) pixel counts
-    intersections = np.bincount(
-        gt_index.ravel() * len(pred_ids) + pred_index.ravel(), minlength=len(gt_ids) * len(pred_ids)
-    ).reshape(len(gt_ids), len(pred_ids))
-    gt_area = intersections.sum(axis=1)
-    pred_area = intersections.sum(axis=0)
-    gt_row = {int(segment_id): row for row, segment_id in enumerate(gt_ids)}
-    pred_column = {int(segment_id): column for column, segment_id in enumerate(pred_ids)}
-    unlisted = [int(s) for s in gt_ids if s != 0 and int(s) not in gt_info]
-    if unlisted:
-        raise ValueError(f"image {image_id!r}: ground-truth segment ids {unlisted} are in the map but not listed")
+    # one pass over the pixels: (H, W) x 2 -> unique (ground-truth id, predicted id) pairs with pixel counts
+    target = target_map.astype(np.int64).ravel()
+    prediction = prediction_map.astype(np.int64).ravel()
+    if target.size and target.min() < 0:
+        raise ValueError(f"image {image_id!r}: negative ground-truth segment ids")
+    prediction_min = int(prediction.min()) if prediction.size else 0
+    prediction_span = (int(prediction.max()) - prediction_min + 1) if prediction.size else 1
+    pair_keys, pair_counts = np.unique(target * prediction_span + (prediction - prediction_min), return_counts=True)
 
-    void_row = gt_row.get(0)
-    # pixels of each predicted segment that fall on ground-truth void
-    pred_void = intersections[void_row] if void_row is not None else np.zeros(len(pred_ids), dtype=np.int64)
+    gt_area: dict[int, int] = defaultdict(int)
+    pred_area: dict[int | None, int] = defaultdict(int)  # key None: pixels of no predicted segment
+    intersections: dict[tuple[int, int | None], int] = defaultdict(int)
+    unlisted_predicted, unlisted_ground_truth = set(), set()
+    for key, count in zip(pair_keys.tolist(), pair_counts.tolist()):
+        gt_id, pred_id = divmod(key, prediction_span)
+        pred_id += prediction_min
+        if pred_id not in pred_info:
+            # unlisted ids <= 0 are "no segment" (a listed id, even 0, is a segment); unlisted positive ids: an error
+            if pred_id > 0:
+                unlisted_predicted.add(pred_id)
+            pred_id = None
+        if gt_id != 0 and gt_id not in gt_info:
+            unlisted_ground_truth.add(gt_id)
+        gt_area[gt_id] += count
+        pred_area[pred_id] += count
+        intersections[gt_id, pred_id] += count
+    if unlisted_predicted:
+        raise ValueError(
+            f"image {image_id!r}: predicted segment ids {sorted(unlisted_predicted)} are in the map but not in "
+            "segments_info"
+        )
+    if unlisted_ground_truth:
+        raise ValueError(
+            f"image {image_id!r}: ground-truth segment ids {sorted(unlisted_ground_truth)} are in the map but not "
+            "listed"
+        )
+
     gt_matched, pred_matched = set(), set()
-    for gt_id, (gt_label, gt_crowd) in gt_info.items():
-        if gt_crowd or gt_id not in gt_row:
+    for (gt_id, pred_id), intersection in intersections.items():
+        if gt_id == 0 or pred_id is None:
             continue
-        row = gt_row[gt_id]
-        for column in np.nonzero(intersections[row])[0]:
-            pred_id = int(pred_ids[column])
-            if pred_id not in pred_info or pred_info[pred_id] != gt_label:
-                continue
-            intersection = intersections[row, column]
-            union = pred_area[column] + gt_area[row] - intersection - pred_void[column]
-            iou = intersection / union
-            if iou > 0.5:  # at most one match per segment: segments do not overlap
-                statistics[0, gt_label] += 1
-                statistics[3, gt_label] += iou
-                gt_matched.add(gt_id)
-                pred_matched.add(pred_id)
-    crowd_rows_by_label: dict[int, list[int]] = {}
+        gt_label, gt_crowd = gt_info[gt_id]
+        if gt_crowd or pred_info[pred_id] != gt_label:
+            continue
+        # pixels of the prediction on ground-truth void are left out of the union
+        union = pred_area[pred_id] + gt_area[gt_id] - intersection - intersections.get((0, pred_id), 0)
+        iou = intersection / union
+        if iou > 0.5:  # at most one match per segment: segments do not overlap
+            statistics[0, gt_label] += 1
+            statistics[3, gt_label] += iou
+            gt_matched.add(gt_id)
+            pred_matched.add(pred_id)
+    crowd_ids_by_label: dict[int, list[int]] = defaultdict(list)
     for gt_id, (gt_label, gt_crowd) in gt_info.items():
-        if gt_id in gt_matched or gt_id not in gt_row:
+        if gt_id in gt_matched or gt_id not in gt_area:
             continue
         if gt_crowd:
-            crowd_rows_by_label.setdefault(gt_label, []).append(gt_row[gt_id])
+            crowd_ids_by_label[gt_label].append(gt_id)
         else:
             statistics[2, gt_label] += 1
     for pred_id, pred_label in pred_info.items():
-        if pred_id in pred_matched or pred_id not in pred_column:
+        if pred_id in pred_matched or pred_id not in pred_area:
             continue  # a listed segment without pixels covers nothing: it is neither matched nor counted
-        column = pred_column[pred_id]
-        ignored = pred_void[column] + sum(
-            intersections[row, column] for row in crowd_rows_by_label.get(pred_label, [])
+        # an unmatched prediction mostly on void or on a crowd region of its class is not a false positive
+        ignored = intersections.get((0, pred_id), 0) + sum(
+            intersections.get((crowd_id, pred_id), 0) for crowd_id in crowd_ids_by_label.get(pred_label, [])
         )
-        if ignored / pred_area[column] > 0.5:
+        if ignored / pred_area[pred_id] > 0.5:
             continue
         statistics[1, pred_label] += 1
     return statistics
