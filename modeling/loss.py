@@ -172,10 +172,20 @@ class Mask2FormerLoss(nn.Module):
         for masks, (_, target_indices) in zip(mask_labels, indices):
             end = start + len(target_indices)
             if end > start:
+                target_indices = target_indices.to(device)
+                # (M_i, P, 2), in matched-pair order
                 image_points = target_point_coordinates(point_coordinates[start:end], masks.shape[-2:], canvas_size)
-                # (T_i, H, W) -> (M_i, 1, H, W) -> (M_i, 1, P) -> (M_i, P)
-                matched_masks = masks[target_indices.to(masks.device)].to(device=device, dtype=torch.float32)
-                point_labels.append(point_sample(matched_masks.unsqueeze(1), image_points).squeeze(1))
+                # Every target is matched exactly once (no image has more targets than queries), so the target
+                # indices are a permutation: move each pair's points to its target's row and read the full-resolution
+                # masks in place instead of copying them into pair order.
+                points_by_target = torch.empty_like(image_points)
+                points_by_target[target_indices] = image_points
+                # (T_i, H, W) -> (T_i, 1, H, W) -> (T_i, 1, P) -> (T_i, P)
+                labels_by_target = point_sample(
+                    masks.to(device=device, dtype=torch.float32).unsqueeze(1), points_by_target
+                ).squeeze(1)
+                # back to matched-pair order: (T_i, P) -> (M_i, P)
+                point_labels.append(labels_by_target[target_indices])
             start = end
         point_labels = torch.cat(point_labels)  # (M, P)
         # (M, h, w) -> (M, 1, P) -> (M, P)
