@@ -91,12 +91,17 @@ class Mask2FormerMultiscaleDeformableAttention(nn.Module):
         weights = self.attention_weights(queries).view(batch_size, num_queries, self.n_heads, -1)
         weights = weights.softmax(-1).view(batch_size, num_queries, self.n_heads, self.n_levels, self.n_points)
 
-        # offsets are in pixels of each level: normalise by (W_l, H_l)
-        normalizer = torch.tensor(
-            [[width, height] for height, width in spatial_shapes], dtype=hidden_states.dtype, device=offsets.device
+        # offsets are in pixels of each level: divide by (W_l, H_l), by Python scalars rather than a tensor built from
+        # the sizes, so that torch.export keeps them symbolic. Per level (B, S, heads, P, 2) -> (B, S, heads, L, P, 2)
+        offsets = torch.stack(
+            [
+                torch.stack([offsets[:, :, :, level, :, 0] / width, offsets[:, :, :, level, :, 1] / height], -1)
+                for level, (height, width) in enumerate(spatial_shapes)
+            ],
+            3,
         )
         # (B, S, 1, L, 1, 2) + (B, S, heads, L, P, 2)
-        sampling_locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None]
+        sampling_locations = reference_points[:, :, None, :, None, :] + offsets
 
         output = multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, weights)  # (B, S, C)
         return self.output_proj(output), weights
@@ -154,8 +159,9 @@ class Mask2FormerPixelDecoderEncoder(nn.Module):
         """
         per_level = []
         for level, (height, width) in enumerate(spatial_shapes):
-            rows = torch.linspace(0.5, height - 0.5, height, dtype=valid_ratios.dtype, device=valid_ratios.device)
-            cols = torch.linspace(0.5, width - 0.5, width, dtype=valid_ratios.dtype, device=valid_ratios.device)
+            # cell centres 0.5, 1.5, ... (arange, unlike linspace, keeps sizes symbolic under torch.export)
+            rows = torch.arange(height, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
+            cols = torch.arange(width, dtype=valid_ratios.dtype, device=valid_ratios.device) + 0.5
             grid_y, grid_x = torch.meshgrid(rows, cols, indexing="ij")
             # (H*W,) -> (B, H*W) in [0, 1] of the valid extent
             ref_y = grid_y.reshape(-1)[None] / (valid_ratios[:, None, level, 1] * height)
