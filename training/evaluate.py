@@ -15,8 +15,9 @@ float]`` (gathers across ``torch.distributed`` processes once, if initialised, a
   ``post_process_panoptic_segmentation`` returns them (unlisted ids <= 0 are "no segment"). Memory: 4 numbers per
   class.
 - ``InstanceEvaluator(thing_ids=None, ground_truth=None)``: COCO mask AP, AP50, AP75, APs, APm, APl through
-  pycocotools' ``COCOeval`` (segm). Predictions: ``post_process_instance_segmentation`` output (an id map or, with
-  ``return_binary_maps=True``, ``(N, H, W)`` masks, plus ``segments_info`` with ``label_id`` and ``score``), or
+  pycocotools' ``COCOeval`` (segm). Predictions: ``post_process_instance_segmentation`` output (an id map, or with
+  ``return_binary_maps=True`` ``(N, H, W)`` masks, or with ``return_coco_annotation=True`` RLEs, plus
+  ``segments_info`` with ``label_id`` and ``score``), or
   ``{"rles", "labels", "scores"}``. Ground truth is the targets' thing segments, or a COCO instances JSON
   (``ground_truth=path``). Only RLEs are kept, never full-resolution masks.
 - ``SemanticEvaluator(num_labels, ignore_label=255)``: mIoU, fwIoU, mACC, pACC from a confusion matrix.
@@ -331,10 +332,16 @@ class InstanceEvaluator:
     def _prediction_rles(self, prediction: dict[str, Any], image_id: str):
         if "rles" in prediction:
             return prediction["rles"], list(prediction["labels"]), list(prediction["scores"])
-        segmentation = _to_numpy(prediction["segmentation"])
         infos = prediction["segments_info"]
         labels = [int(info["label_id"]) for info in infos]
         scores = [float(info.get("score", 1.0)) for info in infos]
+        if isinstance(prediction["segmentation"], (list, tuple)):  # return_coco_annotation: RLEs, in segments order
+            if len(prediction["segmentation"]) != len(infos):
+                raise ValueError(
+                    f"image {image_id!r}: {len(prediction['segmentation'])} RLEs for {len(infos)} segments"
+                )
+            return list(prediction["segmentation"]), labels, scores
+        segmentation = _to_numpy(prediction["segmentation"])
         if segmentation.ndim == 3:  # (N, H, W) binary maps, in segments_info order
             if segmentation.shape[0] != len(infos):
                 raise ValueError(f"image {image_id!r}: {segmentation.shape[0]} binary maps for {len(infos)} segments")

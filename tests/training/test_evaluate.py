@@ -346,3 +346,42 @@ def test_two_processes_gather_to_the_single_process_result(sample, tmp_path):
     for rank in (0, 1):
         for name in expected:
             assert results[rank][name] == pytest.approx(expected[name], nan_ok=True)
+
+
+def test_instance_predictions_as_rles(sample):
+    """``return_coco_annotation=True`` output: a list of COCO RLEs in segments_info order."""
+    from pycocotools import mask as mask_utils
+
+    records, label_info = sample
+    predictions = []
+    for record in records:
+        things = [
+            (segment_id, label)
+            for segment_id, label in zip(record["segment_ids"], record["class_labels"])
+            if label in label_info.thing_ids
+        ]
+        rles = [
+            mask_utils.encode(np.asfortranarray((record["segment_map"] == segment_id).astype(np.uint8)))
+            for segment_id, _ in things
+        ]
+        infos = [{"id": index, "label_id": label, "score": 1.0} for index, (_, label) in enumerate(things)]
+        predictions.append({"segmentation": rles, "segments_info": infos})
+    evaluator = InstanceEvaluator(label_info.thing_ids)
+    evaluator.update(predictions, records)
+    assert evaluator.compute()["AP"] == pytest.approx(100.0)
+    # dropping every horse: horse AP is 0, the other classes stay at 100
+    for prediction in predictions:
+        keep = [
+            i for i, info in enumerate(prediction["segments_info"]) if label_info.id2label[info["label_id"]] != "horse"
+        ]
+        prediction["segmentation"] = [prediction["segmentation"][i] for i in keep]
+        prediction["segments_info"] = [prediction["segments_info"][i] for i in keep]
+    evaluator.reset()
+    evaluator.update(predictions, records)
+    classes = {
+        label
+        for record in records
+        for label, crowd in zip(record["class_labels"], record["iscrowd"])
+        if label in label_info.thing_ids and not crowd
+    }
+    assert evaluator.compute()["AP"] == pytest.approx(100 * (len(classes) - 1) / len(classes))
