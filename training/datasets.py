@@ -485,6 +485,15 @@ def _rows_to_dataset(rows: list[dict[str, Any]], label_info: LabelInfo, task: st
     return _attach_info(dataset, label_info, task)
 
 
+def _progress(items: list, description: str):
+    """A tqdm bar for the listing of large sets (COCO train has 118k images); silent for small ones."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return items
+    return tqdm(items, desc=description, disable=len(items) < 5000, leave=False)
+
+
 def _check_bad(message: str, on_bad_input: str, skipped: list[str]) -> None:
     if on_bad_input == "skip":
         logger.warning("skipping example: %s", message)
@@ -517,7 +526,7 @@ def coco_panoptic_rows(
     for image_id in images:
         if image_id not in annotated:
             _check_bad(f"{json_path}: image id {image_id} has no panoptic annotation", on_bad_input, skipped)
-    for annotation in data["annotations"]:
+    for annotation in _progress(data["annotations"], f"reading {json_path.name}"):
         image_id = annotation["image_id"]
         image = images.get(image_id)
         if image is None:
@@ -592,7 +601,7 @@ def coco_instance_rows(
             )
             continue
         per_image[annotation["image_id"]].append(annotation)
-    for image in data["images"]:
+    for image in _progress(data["images"], f"reading {json_path.name}"):
         image_id = image["id"]
         image_path = root / split / image["file_name"]
         if not image_path.is_file():
@@ -664,7 +673,7 @@ def ade20k_rows(
         raise ValueError(f"no ADE20K image folder {image_dir}")
     label_info = ade20k_label_info(root, num_labels)
     rows, skipped = [], []
-    for image_path in sorted(image_dir.glob("*.jpg")):
+    for image_path in _progress(sorted(image_dir.glob("*.jpg")), f"listing {image_dir}"):
         annotation_path = annotation_dir / f"{image_path.stem}.png"
         if not annotation_path.is_file():
             _check_bad(
