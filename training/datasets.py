@@ -85,13 +85,18 @@ class LabelInfo:
         id2label: contiguous label id (0..num_labels-1) -> class name.
         category_ids: contiguous label id -> the dataset's own category id (COCO: 1..200 with gaps; ADE20K: 1..150).
         thing_ids: label ids of countable "thing" classes (empty for semantic data).
-        ignore_label: the value that marks unlabeled pixels in semantic label maps built from records.
+        ignore_label: the value that marks unlabeled pixels in semantic label maps built from records (255, or
+            ``num_labels`` when 255 is a class).
     """
 
     id2label: dict[int, str]
     category_ids: dict[int, int]
     thing_ids: list[int] = field(default_factory=list)
     ignore_label: int = 255
+
+    def __post_init__(self) -> None:
+        if 0 <= self.ignore_label < len(self.id2label):  # 255 is a real class in sets of more than 255 classes
+            self.ignore_label = len(self.id2label)
 
     @property
     def label2id(self) -> dict[str, int]:
