@@ -1000,7 +1000,8 @@ def load_dataset_for_segmentation(
         raise ValueError(f"no usable examples in {path} (split {split!r})")
     dataset = _rows_to_dataset(rows, label_info, task)
     if streaming:
-        dataset = dataset.to_iterable_dataset()
+        # several shards so that DataLoader workers can split the stream
+        dataset = dataset.to_iterable_dataset(num_shards=min(len(dataset), 64))
         mapped = dataset.map(
             _SingleRowDecoder(_Decoder(transform, on_bad_input)), remove_columns=list(_features_names())
         )

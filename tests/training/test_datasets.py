@@ -228,6 +228,10 @@ def test_dataloader_workers(coco_sample_root):
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=lambda batch: batch[0])
     image_ids = sorted(record["image_id"] for record in loader)
     assert image_ids == ["142238", "439180"]
+    # a stream is split across the workers: every image exactly once
+    stream = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic", streaming=True)
+    loader = torch.utils.data.DataLoader(stream, batch_size=1, num_workers=2, collate_fn=lambda batch: batch[0])
+    assert sorted(record["image_id"] for record in loader) == ["142238", "439180"]
 
 
 def _copy_sample(coco_sample_root, tmp_path):
