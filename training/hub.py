@@ -112,7 +112,13 @@ def build_model_card(card: ModelCardInfo) -> str:
     return "\n".join(lines)
 
 
-def save_model(model: Any, processor: Any, folder: str | os.PathLike, card: ModelCardInfo | None = None) -> Path:
+def save_model(
+    model: Any,
+    processor: Any,
+    folder: str | os.PathLike,
+    card: ModelCardInfo | None = None,
+    state_dict: dict[str, Any] | None = None,
+) -> Path:
     """Write a model folder: weights (safetensors) and config, the processor's config, and the model card.
 
     Args:
@@ -120,13 +126,15 @@ def save_model(model: Any, processor: Any, folder: str | os.PathLike, card: Mode
         processor: its `Mask2FormerImageProcessor`, or None.
         folder: where to write (created).
         card: what the model card says; None writes no README.md.
+        state_dict: the weights to write instead of ``model.state_dict()`` (``accelerator.get_state_dict(model)``,
+            which gathers sharded FSDP / DeepSpeed weights).
 
     Returns:
         The folder.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder)
+    model.save_pretrained(folder, state_dict=state_dict)
     if processor is not None:
         processor.save_pretrained(folder)
     if card is not None:

@@ -746,6 +746,7 @@ def _move_to_device(batch: dict[str, Any], device: torch.device) -> dict[str, An
 
 def train(settings: TrainSettings) -> dict[str, Any]:
     """Run the training described by ``settings``; returns the final evaluation metrics (main process)."""
+    from accelerate.utils import DistributedType
     from tqdm.auto import tqdm
 
     from . import hub
@@ -848,12 +849,14 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             temporary.mkdir(parents=True)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(temporary))  # every rank writes its RNG state
+        state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every rank calls it
         if accelerator.is_main_process:
             hub.save_model(
                 accelerator.unwrap_model(model),
                 processor,
                 temporary / PRETRAINED_DIRNAME,
                 card=hub.ModelCardInfo(**_card_fields(settings, run_info, latest_metrics, step)),
+                state_dict=state_dict,
             )
             (temporary / "trainer_state.json").write_text(
                 json.dumps({"step": step, "metrics": latest_metrics, **run_info}, indent=2) + "\n"
@@ -876,10 +879,12 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         return final
 
     def run_evaluation() -> dict[str, float]:
+        # DDP: the plain module (a no-grad DDP forward may still broadcast buffers, which would hang a rank with
+        # fewer images); FSDP / DeepSpeed: the wrapper, which gathers the sharded weights.
+        sharded = accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        eval_model = model if sharded else accelerator.unwrap_model(model)
         model.eval()
-        metrics = evaluate_model(
-            accelerator.unwrap_model(model), processor, data, settings, accelerator, show_progress=settings.progress
-        )
+        metrics = evaluate_model(eval_model, processor, data, settings, accelerator, show_progress=settings.progress)
         model.train()
         if accelerator.is_main_process:
             with open(settings.output_dir / "eval_log.jsonl", "a") as handle:
@@ -959,6 +964,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
     latest_metrics = run_evaluation()
     log(f"final evaluation: {json.dumps(_headline(latest_metrics))}")
     final_dir = settings.output_dir / "model"
+    state_dict = accelerator.get_state_dict(model)  # collective under FSDP/DeepSpeed: every rank calls it
     if accelerator.is_main_process:
         (settings.output_dir / "metrics.json").write_text(json.dumps(latest_metrics, indent=2) + "\n")
         temporary = settings.output_dir / f"{TMP_PREFIX}model"
@@ -968,6 +974,7 @@ def train(settings: TrainSettings) -> dict[str, Any]:
             processor,
             temporary,
             card=hub.ModelCardInfo(**_card_fields(settings, run_info, latest_metrics, progress_state.step)),
+            state_dict=state_dict,
         )
         (temporary / "metrics.json").write_text(json.dumps(latest_metrics, indent=2) + "\n")
         shutil.rmtree(final_dir, ignore_errors=True)
