@@ -18,7 +18,13 @@
 #define MSDA_UNROLL _Pragma("unroll")
 #else
 #define MSDA_HOST_DEVICE
+#if defined(__GNUC__) || defined(__clang__)
+// Forced, so the CPU kernels' per-ISA clones inline (and vectorise) the sampling math instead of calling a
+// baseline out-of-line copy.
+#define MSDA_INLINE inline __attribute__((always_inline))
+#else
 #define MSDA_INLINE inline
+#endif
 #if defined(__clang__)
 #define MSDA_UNROLL _Pragma("unroll")
 #elif defined(__GNUC__)

@@ -14,6 +14,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "ms_deform_attn_checks.h"
@@ -55,6 +57,10 @@ struct Problem {
   int64_t num_queries;  // Q
   int64_t num_levels;   // L
   int64_t num_points;   // P
+  // Element strides of value (and of the grad_value buffer) along batch, position and head; channels are contiguous.
+  int64_t value_batch_stride;
+  int64_t value_row_stride;
+  int64_t value_head_stride;
   const int64_t* spatial_shapes;  // (L, 2) as (H, W)
   const int64_t* level_start;     // (L,) first row of each level
 };
@@ -63,63 +69,167 @@ template <typename scalar_t>
 struct AccType {
   using type = scalar_t;
 };
+
+// Queries per forward work item (see forward_rows).
+constexpr int64_t kQueryBlock = 32;
 template <>
 struct AccType<c10::BFloat16> {
   using type = float;
 };
 
-// Items [begin, end) of the flattened (batch, head, query) axis, query fastest: consecutive items sample
-// neighbouring pixels of one head's value slice, which stays in L2 (all heads at once would not).
-// kHeadDim > 0 fixes head_dim at compile time.
+#if defined(__GNUC__) || defined(__clang__)
+#define MSDA_HAVE_VECTOR_EXTENSIONS 1
+// Channel vectors of 32 bytes through the GCC/Clang vector extensions: each target_clones clone compiles them to
+// its own instructions (one AVX register on AVX2/AVX-512, two SSE registers on baseline x86-64, NEON elsewhere).
+template <typename scalar_t>
+struct ChannelVector;
+
+template <>
+struct ChannelVector<float> {
+  using acc_t = float;
+  typedef float vec_t __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+  static MSDA_ALWAYS_INLINE vec_t load(const float* row) {
+    vec_t result;
+    std::memcpy(&result, row, sizeof(result));
+    return result;
+  }
+  static MSDA_ALWAYS_INLINE void store(float* row, vec_t vector) { std::memcpy(row, &vector, sizeof(vector)); }
+};
+
+template <>
+struct ChannelVector<double> {
+  using acc_t = double;
+  typedef double vec_t __attribute__((vector_size(32)));
+  static constexpr int kLanes = 4;
+  static MSDA_ALWAYS_INLINE vec_t load(const double* row) {
+    vec_t result;
+    std::memcpy(&result, row, sizeof(result));
+    return result;
+  }
+  static MSDA_ALWAYS_INLINE void store(double* row, vec_t vector) { std::memcpy(row, &vector, sizeof(vector)); }
+};
+
+template <>
+struct ChannelVector<c10::BFloat16> {
+  using acc_t = float;
+  typedef float vec_t __attribute__((vector_size(32)));
+  typedef uint16_t half_bits_t __attribute__((vector_size(16)));
+  typedef uint32_t bits_t __attribute__((vector_size(32)));
+  static constexpr int kLanes = 8;
+  // bf16 is the top half of an fp32: widen the bits and shift them up.
+  static MSDA_ALWAYS_INLINE vec_t load(const c10::BFloat16* row) {
+    half_bits_t half_bits;
+    std::memcpy(&half_bits, row, sizeof(half_bits));
+    const bits_t bits = __builtin_convertvector(half_bits, bits_t) << 16;
+    vec_t result;
+    std::memcpy(&result, &bits, sizeof(result));
+    return result;
+  }
+  static MSDA_ALWAYS_INLINE void store(c10::BFloat16* row, vec_t vector) {
+    for (int lane = 0; lane < kLanes; ++lane) row[lane] = c10::BFloat16(vector[lane]);  // round to nearest even
+  }
+};
+
+template <typename vec_t, int kLanes>
+MSDA_ALWAYS_INLINE auto horizontal_sum(vec_t vector) -> decltype(vector[0] + vector[0]) {
+  decltype(vector[0] + vector[0]) sum = 0;
+  for (int lane = 0; lane < kLanes; ++lane) sum += vector[lane];  // fixed order: deterministic
+  return sum;
+}
+#else
+#define MSDA_HAVE_VECTOR_EXTENSIONS 0
+#endif
+
+// Query blocks [begin, end) of the flattened (batch, query block) axis. Inside a block the heads are the outer
+// loop: the block's locations and weights (kQueryBlock x h x L x P) and one head's neighbourhood of value rows both
+// stay in L2, where a query-outer order would sweep all heads' rows and a head-outer order over all queries would
+// stream the locations once per head.
+// Two phases per (query, head): every corner's row pointer and weight (attention x bilinear weight) first, then one
+// branch-free multiply-add sweep over the corners; corners outside the map point at a zero row with weight 0.
+// kHeadDim > 0: head_dim is that compile-time multiple of the vector width; 0: any head_dim, scalar loops.
 template <typename scalar_t, int kHeadDim>
 MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* value, const scalar_t* sampling_locations,
                                      const scalar_t* attention_weights, scalar_t* output, int64_t begin, int64_t end) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
-  const int64_t row_stride = problem.num_heads * head_dim;  // elements between value rows s and s + 1
+  const int64_t row_stride = problem.value_row_stride;  // elements between value rows s and s + 1
+  const int64_t output_row_stride = problem.num_heads * head_dim;
   const int64_t samples_per_head = problem.num_levels * problem.num_points;
-  acc_t fixed_accumulator[kHeadDim > 0 ? kHeadDim : 1];
-  std::vector<acc_t> dynamic_accumulator(kHeadDim > 0 ? 0 : head_dim);
-  acc_t* accumulator = kHeadDim > 0 ? fixed_accumulator : dynamic_accumulator.data();
+  const std::vector<scalar_t> zero_row(head_dim, scalar_t(0));
+  const int64_t num_corners = 4 * samples_per_head;
+  std::vector<const scalar_t*> corner_rows(num_corners);
+  std::vector<acc_t> corner_weights(num_corners);
+  std::vector<acc_t> scalar_accumulator(kHeadDim > 0 ? 0 : head_dim);
 
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t query = item % problem.num_queries;
-    const int64_t head = (item / problem.num_queries) % problem.num_heads;
-    const int64_t batch_index = item / (problem.num_queries * problem.num_heads);
+  const int64_t num_blocks = (problem.num_queries + kQueryBlock - 1) / kQueryBlock;
+  for (int64_t block_item = begin; block_item < end; ++block_item) {
+    const int64_t batch_index = block_item / num_blocks;
+    const int64_t first_query = (block_item % num_blocks) * kQueryBlock;
+    const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
+    for (int64_t head = 0; head < problem.num_heads; ++head)
+    for (int64_t query = first_query; query < last_query; ++query) {
     const int64_t batch_query = batch_index * problem.num_queries + query;
-    const scalar_t* batch_value = value + batch_index * problem.num_values * row_stride;
-    for (int64_t channel = 0; channel < head_dim; ++channel) accumulator[channel] = acc_t(0);
+    const scalar_t* batch_value = value + batch_index * problem.value_batch_stride;
     const int64_t first_sample = (batch_query * problem.num_heads + head) * samples_per_head;
+    int64_t corner_index = 0;
     for (int64_t level = 0; level < problem.num_levels; ++level) {
       const int64_t height = problem.spatial_shapes[2 * level];
       const int64_t width = problem.spatial_shapes[2 * level + 1];
-      const scalar_t* level_value = batch_value + problem.level_start[level] * row_stride + head * head_dim;
+      const scalar_t* level_value =
+          batch_value + problem.level_start[level] * row_stride + head * problem.value_head_stride;
       for (int64_t point = 0; point < problem.num_points; ++point) {
         const int64_t sample_index = first_sample + level * problem.num_points + point;
         BilinearSample<acc_t> sample;
-        if (!bilinear_sample<acc_t>(static_cast<acc_t>(sampling_locations[2 * sample_index]),
-                                    static_cast<acc_t>(sampling_locations[2 * sample_index + 1]), height, width,
-                                    sample)) {
-          continue;
-        }
+        const bool inside = bilinear_sample<acc_t>(static_cast<acc_t>(sampling_locations[2 * sample_index]),
+                                                   static_cast<acc_t>(sampling_locations[2 * sample_index + 1]),
+                                                   height, width, sample);
         const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
-        for (int corner = 0; corner < 4; ++corner) {
-          if (!sample.valid[corner]) continue;
-          const acc_t corner_weight = attention * sample.weight[corner];
-          const scalar_t* corner_value = level_value + sample.offset[corner] * row_stride;
-#pragma omp simd
-          for (int64_t channel = 0; channel < head_dim; ++channel) {
-            accumulator[channel] += corner_weight * static_cast<acc_t>(corner_value[channel]);
-          }
+        for (int corner = 0; corner < 4; ++corner, ++corner_index) {
+          const bool valid = inside && sample.valid[corner];
+          corner_rows[corner_index] = valid ? level_value + sample.offset[corner] * row_stride : zero_row.data();
+          corner_weights[corner_index] = valid ? attention * sample.weight[corner] : acc_t(0);
         }
       }
     }
-    scalar_t* output_row = output + batch_query * row_stride + head * head_dim;
+    scalar_t* output_row = output + batch_query * output_row_stride + head * head_dim;
+#if MSDA_HAVE_VECTOR_EXTENSIONS
+    if constexpr (kHeadDim > 0) {
+      using Vector = ChannelVector<scalar_t>;
+      using vec_t = typename Vector::vec_t;
+      constexpr int kVectors = kHeadDim / Vector::kLanes;
+      vec_t accumulator[kVectors];
+      for (int block = 0; block < kVectors; ++block) accumulator[block] = vec_t{};
+      for (int64_t corner = 0; corner < num_corners; ++corner) {
+        const vec_t weight = vec_t{} + corner_weights[corner];
+        const scalar_t* row = corner_rows[corner];
+        MSDA_UNROLL
+        for (int block = 0; block < kVectors; ++block) {
+          accumulator[block] += weight * Vector::load(row + block * Vector::kLanes);
+        }
+      }
+      for (int block = 0; block < kVectors; ++block) Vector::store(output_row + block * Vector::kLanes, accumulator[block]);
+      continue;
+    }
+#endif
+    acc_t* accumulator = scalar_accumulator.data();
+    for (int64_t channel = 0; channel < head_dim; ++channel) accumulator[channel] = acc_t(0);
+    for (int64_t corner = 0; corner < num_corners; ++corner) {
+      const acc_t corner_weight = corner_weights[corner];
+      const scalar_t* corner_value = corner_rows[corner];
+#pragma omp simd
+      for (int64_t channel = 0; channel < head_dim; ++channel) {
+        accumulator[channel] += corner_weight * static_cast<acc_t>(corner_value[channel]);
+      }
+    }
     for (int64_t channel = 0; channel < head_dim; ++channel) output_row[channel] = scalar_t(accumulator[channel]);
+    }
   }
 }
 
-// One (batch, head, level) task of the backward pass; grad_value is in acc_t (fp32 for bf16 inputs).
+// One (batch, head, level) task of the backward pass; grad_value is in acc_t (fp32 for bf16 inputs) and has value's
+// strides. Per sample: the four <grad_output, corner row> dot products (for the location and weight gradients) and
+// the four grad_value row updates, in one sweep over the channels.
 template <typename scalar_t, int kHeadDim>
 MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* value,
                                       const scalar_t* sampling_locations, const scalar_t* attention_weights,
@@ -128,28 +238,26 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
                                       int64_t task) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
-  const int64_t row_stride = problem.num_heads * head_dim;
+  const int64_t row_stride = problem.value_row_stride;
+  const int64_t output_row_stride = problem.num_heads * head_dim;
   const int64_t level = task % problem.num_levels;
   const int64_t head = (task / problem.num_levels) % problem.num_heads;
   const int64_t batch_index = task / (problem.num_levels * problem.num_heads);
   const int64_t height = problem.spatial_shapes[2 * level];
   const int64_t width = problem.spatial_shapes[2 * level + 1];
-  const int64_t level_offset =
-      (batch_index * problem.num_values + problem.level_start[level]) * row_stride + head * head_dim;
+  const int64_t level_offset = batch_index * problem.value_batch_stride + problem.level_start[level] * row_stride +
+                               head * problem.value_head_stride;
   const scalar_t* level_value = value + level_offset;
   acc_t* level_grad_value = grad_value + level_offset;
 
-  // Corners outside the map read a zero row and write a scratch row (with weight 0), keeping the channel loop
-  // branch-free.
-  std::vector<scalar_t> zero_row(head_dim, scalar_t(0));
+  // Corners outside the map read a zero row and write a scratch row (with weight 0): no branch in the sweep.
+  const std::vector<scalar_t> zero_row(head_dim, scalar_t(0));
   std::vector<acc_t> scratch_row(head_dim, acc_t(0));
-  acc_t fixed_grad[kHeadDim > 0 ? kHeadDim : 1];
-  std::vector<acc_t> dynamic_grad(kHeadDim > 0 ? 0 : head_dim);
-  acc_t* grad = kHeadDim > 0 ? fixed_grad : dynamic_grad.data();
+  std::vector<acc_t> grad(head_dim);
 
   for (int64_t query = 0; query < problem.num_queries; ++query) {
     const int64_t batch_query = batch_index * problem.num_queries + query;
-    const scalar_t* grad_output_row = grad_output + batch_query * row_stride + head * head_dim;
+    const scalar_t* grad_output_row = grad_output + batch_query * output_row_stride + head * head_dim;
     for (int64_t channel = 0; channel < head_dim; ++channel) grad[channel] = static_cast<acc_t>(grad_output_row[channel]);
     const int64_t first_sample =
         ((batch_query * problem.num_heads + head) * problem.num_levels + level) * problem.num_points;
@@ -172,29 +280,57 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
         corner_grad[corner] = inside ? level_grad_value + sample.offset[corner] * row_stride : scratch_row.data();
         corner_weight[corner] = attention * sample.weight[corner];
       }
-      const scalar_t* value0 = corner_value[0];
-      const scalar_t* value1 = corner_value[1];
-      const scalar_t* value2 = corner_value[2];
-      const scalar_t* value3 = corner_value[3];
-      acc_t* grad0 = corner_grad[0];
-      acc_t* grad1 = corner_grad[1];
-      acc_t* grad2 = corner_grad[2];
-      acc_t* grad3 = corner_grad[3];
-      acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
-      // The simd reduction order depends only on the vector width, never on the thread count.
-#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
-      for (int64_t channel = 0; channel < head_dim; ++channel) {
-        const acc_t g = grad[channel];
-        dot0 += g * static_cast<acc_t>(value0[channel]);
-        dot1 += g * static_cast<acc_t>(value1[channel]);
-        dot2 += g * static_cast<acc_t>(value2[channel]);
-        dot3 += g * static_cast<acc_t>(value3[channel]);
-        grad0[channel] += corner_weight[0] * g;
-        grad1[channel] += corner_weight[1] * g;
-        grad2[channel] += corner_weight[2] * g;
-        grad3[channel] += corner_weight[3] * g;
+      acc_t corner_dot[4];
+      bool done = false;
+#if MSDA_HAVE_VECTOR_EXTENSIONS
+      if constexpr (kHeadDim > 0) {
+        using Vector = ChannelVector<scalar_t>;
+        using AccVector = ChannelVector<acc_t>;
+        using vec_t = typename Vector::vec_t;
+        constexpr int kLanes = Vector::kLanes;
+        constexpr int kVectors = kHeadDim / kLanes;
+        vec_t dots[4] = {vec_t{}, vec_t{}, vec_t{}, vec_t{}};
+        MSDA_UNROLL
+        for (int block = 0; block < kVectors; ++block) {
+          const vec_t g = AccVector::load(grad.data() + block * kLanes);
+          for (int corner = 0; corner < 4; ++corner) {
+            dots[corner] += g * Vector::load(corner_value[corner] + block * kLanes);
+            acc_t* grad_row = corner_grad[corner] + block * kLanes;
+            AccVector::store(grad_row, AccVector::load(grad_row) + corner_weight[corner] * g);
+          }
+        }
+        for (int corner = 0; corner < 4; ++corner) corner_dot[corner] = horizontal_sum<vec_t, kLanes>(dots[corner]);
+        done = true;
       }
-      const acc_t corner_dot[4] = {dot0, dot1, dot2, dot3};
+#endif
+      if (!done) {
+        const scalar_t* value0 = corner_value[0];
+        const scalar_t* value1 = corner_value[1];
+        const scalar_t* value2 = corner_value[2];
+        const scalar_t* value3 = corner_value[3];
+        acc_t* grad0 = corner_grad[0];
+        acc_t* grad1 = corner_grad[1];
+        acc_t* grad2 = corner_grad[2];
+        acc_t* grad3 = corner_grad[3];
+        acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+        // The simd reduction order depends only on the vector width, never on the thread count.
+#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
+        for (int64_t channel = 0; channel < head_dim; ++channel) {
+          const acc_t g = grad[channel];
+          dot0 += g * static_cast<acc_t>(value0[channel]);
+          dot1 += g * static_cast<acc_t>(value1[channel]);
+          dot2 += g * static_cast<acc_t>(value2[channel]);
+          dot3 += g * static_cast<acc_t>(value3[channel]);
+          grad0[channel] += corner_weight[0] * g;
+          grad1[channel] += corner_weight[1] * g;
+          grad2[channel] += corner_weight[2] * g;
+          grad3[channel] += corner_weight[3] * g;
+        }
+        corner_dot[0] = dot0;
+        corner_dot[1] = dot1;
+        corner_dot[2] = dot2;
+        corner_dot[3] = dot3;
+      }
       acc_t d_sample, d_loc_x, d_loc_y;
       sample_gradient<acc_t>(sample, corner_dot, height, width, d_sample, d_loc_x, d_loc_y);
       grad_attention_weights[sample_index] = scalar_t(d_sample);
@@ -280,6 +416,9 @@ Problem make_problem(const at::Tensor& value, const at::Tensor& sampling_locatio
   problem.num_queries = sampling_locations.size(1);
   problem.num_levels = sampling_locations.size(3);
   problem.num_points = sampling_locations.size(4);
+  problem.value_batch_stride = value.stride(0);
+  problem.value_row_stride = value.stride(1);
+  problem.value_head_stride = value.stride(2);
   problem.spatial_shapes = spatial_shapes.data_ptr<int64_t>();
   level_start.resize(problem.num_levels);
   level_start_rows(problem.spatial_shapes, problem.num_levels, level_start.data());
@@ -313,8 +452,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
     const scalar_t* location_data = sampling_locations.data_ptr<scalar_t>();
     const scalar_t* weight_data = attention_weights.data_ptr<scalar_t>();
     scalar_t* output_data = output.data_ptr<scalar_t>();
-    // Grain of a few queries: enough work per chunk to amortise scheduling, fine enough to balance the threads.
-    at::parallel_for(0, problem.batch * problem.num_heads * problem.num_queries, 16, [&](int64_t begin, int64_t end) {
+    const int64_t num_blocks = (problem.num_queries + kQueryBlock - 1) / kQueryBlock;
+    at::parallel_for(0, problem.batch * num_blocks, 1, [&](int64_t begin, int64_t end) {
       forward_rows_any(problem, value_data, location_data, weight_data, output_data, begin, end);
     });
   });
@@ -335,7 +474,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
   const bool reduced_precision = value.scalar_type() == at::kBFloat16;
   // bf16 gradients of value are summed over many queries: accumulate them in fp32.
-  auto grad_value_acc = at::zeros(value.sizes(), value.options().dtype(reduced_precision ? at::kFloat : value.scalar_type()));
+  // Same (contiguous) layout as `value`: the kernel indexes both with value's strides.
+  auto grad_value_acc =
+      at::zeros(value.sizes(), value.options().dtype(reduced_precision ? at::kFloat : value.scalar_type()));
   auto grad_sampling_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
   auto grad_attention_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
   const int64_t num_tasks = problem.batch * problem.num_heads * problem.num_levels;
@@ -357,7 +498,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       });
     });
   }
-  auto grad_value = reduced_precision ? grad_value_acc.to(value.scalar_type()) : grad_value_acc;
+  auto grad_value = grad_value_acc.to(value.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
+                                      at::MemoryFormat::Contiguous);
   return {grad_value, grad_sampling_locations, grad_attention_weights};
 }
 
