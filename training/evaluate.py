@@ -19,7 +19,8 @@ float]`` (gathers across ``torch.distributed`` processes once, if initialised, a
   ``return_binary_maps=True`` ``(N, H, W)`` masks, or with ``return_coco_annotation=True`` RLEs, plus
   ``segments_info`` with ``label_id`` and ``score``), or
   ``{"rles", "labels", "scores"}``. Ground truth is the targets' thing segments, or a COCO instances JSON
-  (``ground_truth=path``). Only RLEs are kept, never full-resolution masks.
+  (``ground_truth=path``). Only RLEs are kept, never full-resolution masks. A size range without ground truth
+  gives NaN (COCOeval's -1), not a score.
 - ``SemanticEvaluator(num_labels, ignore_label=255)``: mIoU, fwIoU, mACC, pACC from a confusion matrix.
   Predictions: ``(H, W)`` label maps; targets: records or ``(H, W)`` label maps with ``ignore_label``.
 - ``build_evaluator(task, label_info)``: the evaluator of a task, for a dataset's labels.
