@@ -791,6 +791,11 @@ class _StreamingHubDecoder:
 def _hub_label_info(dataset, columns, annotation_format, id2label, categories) -> LabelInfo:
     if categories is not None:
         return LabelInfo.from_coco_categories(categories)
+    if id2label is None and "semantic_class_to_id" in (dataset.column_names or []):
+        # the transformers instance-segmentation example's layout: {name: class value} in every row, 0 = background
+        first = dataset[0] if not isinstance(dataset, _require_datasets().IterableDataset) else next(iter(dataset))
+        id2label = {int(value): name for name, value in first["semantic_class_to_id"].items() if value is not None}
+        id2label.pop(0, None)
     if id2label is not None:
         # id2label keys are the dataset's own category values
         ordered = sorted((int(key), name) for key, name in id2label.items())
@@ -842,7 +847,9 @@ def load_hub_dataset(
             transformers instance-segmentation example's ade20k-mini layout: channel 0 = class, channel 1 = instance).
         column_mapping: our role -> the dataset's column: ``image``, ``annotation``, ``segments_info``, ``image_id``.
         id2label: dataset class value -> name. Labels are these values in increasing order, remapped to 0..K-1.
-            Without it (and without ``categories``), a ``ClassLabel`` on the segments' ``category_id`` names them.
+            Without it (and without ``categories``), a ``semantic_class_to_id`` column (name -> value, 0 = background,
+            as in the transformers instance-segmentation example's datasets) or a ``ClassLabel`` on the segments'
+            ``category_id`` names them.
         thing_ids: dataset class values that are things (default: all, except for semantic data).
         label_offset: dataset value of label 0 in class maps (default 1 when id2label starts at 1, else 0).
         ignore_value: class-map value meaning "unlabeled" (e.g. 255).

@@ -172,13 +172,22 @@ def test_instance_channels_layout(tmp_path):
     annotation[:4, 4:] = (1, 1, 0)  # class 1, instance 1 (the same instance number, another class)
     Image.fromarray(annotation).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "i.png")
-    dataset = datasets.Dataset.from_dict({"image": [str(tmp_path / "i.png")], "annotation": [str(tmp_path / "a.png")]})
+    dataset = datasets.Dataset.from_dict(
+        {
+            "image": [str(tmp_path / "i.png")],
+            "annotation": [str(tmp_path / "a.png")],
+            "semantic_class_to_id": [{"background": 0, "a": 1, "b": 2}],
+        }
+    )
     dataset = dataset.cast_column("image", datasets.Image()).cast_column("annotation", datasets.Image())
     (tmp_path / "set").mkdir()
     dataset.to_parquet(str(tmp_path / "set" / "train.parquet"))
-    record = load_dataset_for_segmentation(
-        str(tmp_path / "set"), "train", "instance", annotation_format="instance_channels", id2label={1: "a", 2: "b"}
-    )[0]
+    # the labels come from the semantic_class_to_id column (background dropped, values 1.. -> labels 0..)
+    loaded = load_dataset_for_segmentation(
+        str(tmp_path / "set"), "train", "instance", annotation_format="instance_channels"
+    )
+    assert segmentation_label_info(loaded).id2label == {0: "a", 1: "b"}
+    record = loaded[0]
     assert len(record["segment_ids"]) == 3 and sorted(record["class_labels"]) == [0, 1, 1]
     label_of = dict(zip(record["segment_ids"], record["class_labels"]))
     assert label_of[record["segment_map"][0, 0]] == 1 and label_of[record["segment_map"][0, 7]] == 0
