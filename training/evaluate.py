@@ -544,11 +544,21 @@ class SemanticEvaluator:
         }
 
 
-def build_evaluator(task: str, label_info: LabelInfo):
-    """The benchmark evaluator of ``task`` (``"panoptic"``, ``"instance"``, ``"semantic"``) for a dataset's labels."""
+def build_evaluator(task: str, label_info: LabelInfo, instance_ground_truth: str | os.PathLike | None = None):
+    """The benchmark evaluator of ``task`` (``"panoptic"``, ``"instance"``, ``"semantic"``) for a dataset's labels.
+
+    ``instance_ground_truth``: a COCO instances JSON to score instance predictions against (exact where instances
+    overlap, which a record's segment map cannot hold); by default the targets' thing segments are the ground truth.
+    """
     if task == "panoptic":
         return PanopticEvaluator.from_label_info(label_info)
     if task == "instance":
+        if instance_ground_truth is not None:
+            return InstanceEvaluator(
+                label_info.thing_ids,
+                ground_truth=instance_ground_truth,
+                label_to_category_id=label_info.category_ids,
+            )
         return InstanceEvaluator(label_info.thing_ids)
     if task == "semantic":
         return SemanticEvaluator(label_info.num_labels, label_info.ignore_label)

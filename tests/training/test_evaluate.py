@@ -385,3 +385,27 @@ def test_instance_predictions_as_rles(sample):
         if label in label_info.thing_ids and not crowd
     }
     assert evaluator.compute()["AP"] == pytest.approx(100 * (len(classes) - 1) / len(classes))
+
+
+def test_build_instance_evaluator_on_a_coco_json(sample, coco_sample_root):
+    records, label_info = sample
+    evaluator = build_evaluator(
+        "instance", label_info, instance_ground_truth=coco_sample_root / "annotations" / "instances_val2017.json"
+    )
+    predictions = [_panoptic_prediction(record) for record in records]
+    evaluator.update(predictions, records)  # the targets only give the image ids here
+    assert evaluator.compute()["AP"] == pytest.approx(100.0)
+    # without the horses, horse AP is 0; the JSON's stuff annotations are not part of instance AP
+    for prediction in predictions:
+        prediction["segments_info"] = [
+            i for i in prediction["segments_info"] if label_info.id2label[i["label_id"]] != "horse"
+        ]
+    evaluator.reset()
+    evaluator.update(predictions, records)
+    classes = {
+        label
+        for record in records
+        for label, crowd in zip(record["class_labels"], record["iscrowd"])
+        if label in label_info.thing_ids and not crowd
+    }
+    assert evaluator.compute()["AP"] == pytest.approx(100 * (len(classes) - 1) / len(classes))
