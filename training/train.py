@@ -117,12 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Mask2Former with a recipe (the paper's settings by name); arguments override the recipe. "
         "CPU-only machines: accelerate launch --multi_gpu --num_processes 2 -m mask2former.training.train ... "
         "runs two gloo ranks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "--recipe",
         default="synthetic-shapes-demo",
-        help=f"recipe name or .json path; shipped: {', '.join(available_recipes())}",
+        help=f"recipe name or .json path (default: synthetic-shapes-demo); shipped: {', '.join(available_recipes())}",
     )
     parser.add_argument(
         "--model",
@@ -161,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-precision",
         choices=MIXED_PRECISION_CHOICES,
         default=None,
-        help="autocast dtype; the deformable attention stays in fp32. Default: the recipe's (its fp16 becomes 'no' "
-        "on a CPU)",
+        help="mixed-precision autocast dtype; default: the recipe's (a recipe's fp16 becomes 'no' on a CPU, where "
+        "asking for fp16 is an error)",
     )
     parser.add_argument("--lr", type=_positive_float, default=None, help="base learning rate (default: recipe's)")
     parser.add_argument(
