@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -93,16 +92,19 @@ if EXTENSION_AVAILABLE:
     torch.library.register_autograd("mask2former::ms_deform_attn_forward", _backward, setup_context=_setup_context)
 
 
-_forced = threading.local()
+# Process-wide choice set by use_backend() (a plain global, so torch.compile can trace and guard on it);
+# MASK2FORMER_MSDA_BACKEND sets its initial value.
+_forced_backend: str | None = os.environ.get("MASK2FORMER_MSDA_BACKEND") or None
+if _forced_backend not in (None, *BACKENDS):
+    logger.warning("ignoring MASK2FORMER_MSDA_BACKEND=%r: expected one of %s", _forced_backend, BACKENDS)
+    _forced_backend = None
 _logged_paths: set[tuple[str, str, str]] = set()
-
-
-def _forced_backend() -> str | None:
-    forced = getattr(_forced, "backend", None)
-    if forced is not None:
-        return forced
-    from_env = os.environ.get("MASK2FORMER_MSDA_BACKEND")
-    return from_env if from_env in BACKENDS else None
+# Device types with a compiled kernel, looked up once at import: the dispatcher query is not traceable.
+_KERNEL_DEVICE_TYPES = frozenset(
+    device_type
+    for device_type, dispatch_key in _DISPATCH_KEYS.items()
+    if EXTENSION_AVAILABLE and torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP_NAME, dispatch_key)
+)
 
 
 @contextlib.contextmanager
@@ -111,16 +113,18 @@ def use_backend(backend: str) -> Iterator[None]:
 
     "reference" is what ONNX export needs (the compiled op has no ONNX symbolic; the reference exports through
     ``grid_sample``). "compiled" raises at call time when the extension has no kernel for the inputs.
-    The environment variable ``MASK2FORMER_MSDA_BACKEND`` sets the same default process-wide.
+    The setting is process-wide (not per thread); the environment variable ``MASK2FORMER_MSDA_BACKEND`` sets its
+    initial value.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    previous = getattr(_forced, "backend", None)
-    _forced.backend = backend
+    global _forced_backend
+    previous = _forced_backend
+    _forced_backend = backend
     try:
         yield
     finally:
-        _forced.backend = previous
+        _forced_backend = previous
 
 
 def force_reference() -> contextlib.AbstractContextManager[None]:
@@ -130,12 +134,8 @@ def force_reference() -> contextlib.AbstractContextManager[None]:
 
 def compiled_supports(device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether the compiled extension is loaded and has a kernel for ``device`` and ``dtype``."""
-    if not EXTENSION_AVAILABLE:
-        return False
-    device_type = torch.device(device).type
-    if dtype not in _COMPILED_DTYPES.get(device_type, ()):
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key(_FORWARD_OP_NAME, _DISPATCH_KEYS[device_type])
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return device_type in _KERNEL_DEVICE_TYPES and dtype in _COMPILED_DTYPES[device_type]
 
 
 def active_backend(device: torch.device | str, dtype: torch.dtype) -> str:
@@ -143,9 +143,8 @@ def active_backend(device: torch.device | str, dtype: torch.dtype) -> str:
 
     Returns "compiled" or "reference"; honours :func:`use_backend` / :func:`force_reference`.
     """
-    forced = _forced_backend()
-    if forced is not None:
-        return forced
+    if _forced_backend is not None:
+        return _forced_backend
     return "compiled" if compiled_supports(device, dtype) else "reference"
 
 
@@ -205,7 +204,8 @@ def _check_inputs(
         num_levels = value_spatial_shapes.shape[0]
     else:
         num_levels = len(value_spatial_shapes)
-        total = sum(int(height) * int(width) for height, width in value_spatial_shapes)
+        # No int(): under torch.export the sizes may be SymInts, which must stay symbolic.
+        total = sum(height * width for height, width in value_spatial_shapes)
         if total != value.shape[1]:
             raise ValueError(
                 f"multi_scale_deformable_attention: value_spatial_shapes {list(value_spatial_shapes)} sum to "

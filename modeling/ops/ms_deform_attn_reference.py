@@ -29,7 +29,12 @@ def multi_scale_deformable_attention_reference(
     """
     batch_size, _, num_heads, head_dim = value.shape
     _, num_queries, _, num_levels, num_points, _ = sampling_locations.shape
-    shapes = [(int(height), int(width)) for height, width in value_spatial_shapes]
+    # A tensor is read on the host; python ints (or SymInts under torch.export) are kept as given so that dynamic
+    # sizes are not specialised.
+    if isinstance(value_spatial_shapes, torch.Tensor):
+        shapes = [(int(height), int(width)) for height, width in value_spatial_shapes.tolist()]
+    else:
+        shapes = [(height, width) for height, width in value_spatial_shapes]
     value_per_level = value.split([height * width for height, width in shapes], dim=1)
     # grid_sample wants coordinates in [-1, 1]
     sampling_grids = 2 * sampling_locations - 1
