@@ -1,5 +1,6 @@
 """Mask2FormerLoss: parity with transformers, perfect predictions, permutation invariance, robustness, autocast."""
 
+import json
 import math
 import os
 import socket
@@ -339,13 +340,16 @@ def test_num_masks_is_averaged_over_processes_exactly_once():
         processes.append(
             subprocess.Popen([sys.executable, "-c", DISTRIBUTED_WORKER], env=env, stdout=subprocess.PIPE, text=True)
         )
-    import json
-
     results = []
-    for process in processes:
-        stdout, _ = process.communicate(timeout=120)
-        assert process.returncode == 0
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    try:
+        for process in processes:
+            stdout, _ = process.communicate(timeout=180)
+            assert process.returncode == 0
+            results.append(json.loads(stdout.strip().splitlines()[-1]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
     for result in results:
         assert result["ours"] == 4.0
         # transformers all-reduces with accelerate's reduce (a mean) and then divides by the world size again.
