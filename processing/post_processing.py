@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 # Chunk of masks upsampled at once for binary maps and RLE, to bound memory at (chunk, H, W).
 _DENSE_CHUNK = 16
@@ -222,9 +221,14 @@ def expand_cells(cell_values: torch.Tensor, grid: BilinearGrid) -> torch.Tensor:
 
 def _cell_bounds(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # Min and max over each 2x2 cell; the last row/column repeats, as the sampling clamps there.
-    padded = F.pad(maps, (0, 1, 0, 1), mode="replicate")  # (N, h, w) -> (N, h+1, w+1)
-    upper = F.max_pool2d(padded, kernel_size=2, stride=1)  # (N, h+1, w+1) -> (N, h, w)
-    lower = -F.max_pool2d(-padded, kernel_size=2, stride=1)
+    next_rows = torch.cat([maps[:, 1:], maps[:, -1:]], 1)  # (N, h, w): row i+1, clamped
+    row_max, row_min = torch.maximum(maps, next_rows), torch.minimum(maps, next_rows)
+
+    def with_next_col(values: torch.Tensor) -> torch.Tensor:
+        return torch.cat([values[:, :, 1:], values[:, :, -1:]], 2)
+
+    upper = torch.maximum(row_max, with_next_col(row_max))
+    lower = torch.minimum(row_min, with_next_col(row_min))
     return lower, upper
 
 
