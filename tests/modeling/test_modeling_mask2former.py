@@ -68,9 +68,9 @@ def test_outputs_equal_transformers_on_same_weights(backbone):
     model = Mask2FormerForUniversalSegmentation(tiny_config(backbone)).eval()
     reference = reference_twin(model)
     pixel_values = torch.randn(2, 3, 64, 96)  # batch 2, non-square
+    options = dict(output_auxiliary_logits=True, output_hidden_states=True, output_attentions=True)
     with torch.no_grad():
-        ours = model(pixel_values, output_auxiliary_logits=True, output_hidden_states=True)
-        theirs = reference(pixel_values, output_auxiliary_logits=True, output_hidden_states=True)
+        ours, theirs = model(pixel_values, **options), reference(pixel_values, **options)
     assert ours.class_queries_logits.shape == (2, 6, 5)
     assert ours.masks_queries_logits.shape == (2, 6, 16, 24)
     assert len(ours.auxiliary_logits) == 4
@@ -80,6 +80,10 @@ def test_outputs_equal_transformers_on_same_weights(backbone):
         assert len(getattr(ours, name)) == len(getattr(theirs, name)), name
         for index, (mine, their) in enumerate(zip(getattr(ours, name), getattr(theirs, name))):
             assert_close_relative(mine, their, f"{name}[{index}]")
+    # the decoder's self-attention weights (B, heads, Q, Q) per layer
+    assert len(ours.attentions) == len(theirs.attentions) == 4
+    for index, (mine, their) in enumerate(zip(ours.attentions, theirs.attentions)):
+        assert_close_relative(mine, their, f"attentions[{index}]")
     for name in (
         "encoder_last_hidden_state",
         "pixel_decoder_last_hidden_state",
@@ -227,6 +231,40 @@ def test_padding_changes_transformers_but_not_us():
         reference_alone = reference(small, pixel_mask=small_mask).class_queries_logits[0]
         reference_batched = reference(batch, pixel_mask=batch_mask).class_queries_logits[0]
     assert (reference_alone - reference_batched).abs().max() > 1e-3 * reference_alone.abs().max()
+
+
+def test_valid_mask_on_feature_grids():
+    from mask2former.modeling.padding import downsample_valid_mask
+
+    pixel_mask = torch.zeros(2, 64, 96, dtype=torch.long)
+    pixel_mask[0, :50, :70] = 1
+    pixel_mask[1] = 1
+    # stride 8: ceil(50 / 8) = 7 rows, ceil(70 / 8) = 9 columns hold real pixels
+    grid = downsample_valid_mask(pixel_mask, 8, 12)
+    expected = torch.zeros(2, 8, 12, dtype=torch.bool)
+    expected[0, :7, :9] = True
+    expected[1] = True
+    assert torch.equal(grid, expected)
+    # stride 32: ceil(50 / 32) = 2 rows, ceil(70 / 32) = 3 columns
+    assert torch.equal(downsample_valid_mask(pixel_mask, 2, 3)[0], torch.ones(2, 3, dtype=torch.bool))
+
+
+def test_padded_batch_trains():
+    """Gradients flow through the per-size path (crops, zero-padded maps, masked attention) and are finite."""
+    model, _, _, _, batch, batch_mask = padded_batch_case("resnet")
+    model.train()
+    mask_labels = [torch.zeros(1, 128, 160), (torch.rand(2, 128, 160) > 0.5).float()]
+    mask_labels[0][0, :30, :40] = 1
+    outputs = model(
+        batch,
+        pixel_mask=batch_mask,
+        mask_labels=mask_labels,
+        class_labels=[torch.tensor([1]), torch.tensor([0, 2])],
+    )
+    outputs.loss.backward()
+    gradients = [p.grad for p in model.parameters() if p.grad is not None]
+    assert len(gradients) > 50 and all(torch.isfinite(g).all() for g in gradients)
+    assert model.model.pixel_level_module.encoder.embedder.embedder.convolution.weight.grad.abs().sum() > 0
 
 
 def test_all_valid_pixel_mask_is_the_unpadded_path():
