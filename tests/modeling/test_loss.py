@@ -302,26 +302,27 @@ def test_smaller_targets_count_as_zero_padded_to_the_largest():
 
 DISTRIBUTED_WORKER = textwrap.dedent(
     """
-    import json, sys, torch
-    from accelerate import PartialState
-    from transformers import Mask2FormerConfig
-    from transformers.models.mask2former.modeling_mask2former import Mask2FormerLoss as TransformersMask2FormerLoss
+    import json, types, torch
     from mask2former.modeling.loss import Mask2FormerLoss
 
-    state = PartialState(cpu=True)  # initialises a gloo process group from the environment
-    config = Mask2FormerConfig(num_labels=4)
+    torch.distributed.init_process_group("gloo")  # rank, world size and rendezvous from the environment
+    rank = torch.distributed.get_rank()
     # Rank 0 holds 3 masks, rank 1 holds 5: the average is 4.
-    sizes = [3] if state.process_index == 0 else [2, 3]
-    class_labels = [torch.zeros(size, dtype=torch.long) for size in sizes]
-    ours = Mask2FormerLoss(config, {}).get_num_masks(class_labels, torch.device("cpu")).item()
-    reference = TransformersMask2FormerLoss(config, {}).get_num_masks(class_labels, torch.device("cpu")).item()
-    print(json.dumps({"rank": state.process_index, "ours": ours, "transformers": reference}))
+    class_labels = [torch.zeros(size, dtype=torch.long) for size in ([3] if rank == 0 else [2, 3])]
+    # The loss' config fields only: importing transformers would double this test's time.
+    config = types.SimpleNamespace(
+        num_labels=4, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0, dice_weight=5.0,
+        train_num_points=16, oversample_ratio=3.0, importance_sample_ratio=0.75,
+    )
+    num_masks = Mask2FormerLoss(config, {}).get_num_masks(class_labels, torch.device("cpu"))
+    print(json.dumps({"rank": rank, "num_masks": num_masks.item()}))
     torch.distributed.destroy_process_group()
     """
 )
 
 
 def test_num_masks_is_averaged_over_processes_exactly_once():
+    # Two real gloo processes.
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -330,9 +331,7 @@ def test_num_masks_is_averaged_over_processes_exactly_once():
         env = {
             **os.environ,
             "RANK": str(rank),
-            "LOCAL_RANK": str(rank),
             "WORLD_SIZE": "2",
-            "LOCAL_WORLD_SIZE": "2",
             "MASTER_ADDR": "127.0.0.1",
             "MASTER_PORT": str(port),
             "OMP_NUM_THREADS": "1",
@@ -350,7 +349,31 @@ def test_num_masks_is_averaged_over_processes_exactly_once():
         for process in processes:
             if process.poll() is None:
                 process.kill()
-    for result in results:
-        assert result["ours"] == 4.0
-        # transformers all-reduces with accelerate's reduce (a mean) and then divides by the world size again.
-        assert result["transformers"] == 2.0
+    assert sorted(result["rank"] for result in results) == [0, 1]
+    assert all(result["num_masks"] == 4.0 for result in results)
+
+
+def test_transformers_divides_num_masks_by_the_world_size_twice(monkeypatch):
+    # Documents the reference's defect without a second process: accelerate's `reduce` defaults to the *mean* over
+    # processes, and transformers divides its result by the number of processes again. Rank 0 of the two-process
+    # world above holds 3 masks; the all-reduced mean is 4; transformers ends with 2.
+    import inspect
+
+    import accelerate.utils
+    import transformers.models.mask2former.modeling_mask2former as reference_module
+
+    assert inspect.signature(accelerate.utils.reduce).parameters["reduction"].default == "mean"
+
+    class TwoProcessState:
+        _shared_state = {"initialised": True}
+        num_processes = 2
+
+    def mean_over_two_processes(tensor, reduction="mean"):
+        assert reduction == "mean"
+        return (tensor + 5.0) / 2  # rank 1 holds 5 masks
+
+    monkeypatch.setattr(reference_module, "PartialState", TwoProcessState)
+    monkeypatch.setattr(reference_module, "reduce", mean_over_two_processes)
+    reference = TransformersMask2FormerLoss(Mask2FormerConfig(num_labels=4), {})
+    num_masks = reference.get_num_masks([torch.zeros(3, dtype=torch.long)], torch.device("cpu"))
+    assert num_masks.item() == 2.0
