@@ -23,7 +23,9 @@ from .matcher import Mask2FormerHungarianMatcher, canvas_size_of, target_point_c
 from .point_sampling import point_sample, sample_points_by_uncertainty
 
 
-def sigmoid_cross_entropy_loss(point_logits: torch.Tensor, point_labels: torch.Tensor, num_masks: torch.Tensor):
+def sigmoid_cross_entropy_loss(
+    point_logits: torch.Tensor, point_labels: torch.Tensor, num_masks: torch.Tensor
+) -> torch.Tensor:
     """
     Binary cross-entropy averaged over the points of each mask, summed over masks, divided by `num_masks`.
 
