@@ -61,7 +61,7 @@ def launch_training(args: argparse.Namespace, num_processes: int) -> None:
     if args.max_steps is not None:
         train += ["--max-steps", str(args.max_steps)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    print("$ " + " ".join(["accelerate launch", *launch[4:], *train]), flush=True)
+    print("$ " + " ".join(["accelerate launch", *launch[3:], *train]), flush=True)
     subprocess.run(launch + train, check=True, env=env)
 
 
