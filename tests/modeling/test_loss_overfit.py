@@ -1,4 +1,4 @@
-"""The whole objective trains: a tiny Mask2FormerForUniversalSegmentation overfits one batch on the CPU."""
+"""The whole objective in the model: a tiny model overfits one batch on the CPU; its loss equals transformers'."""
 
 import torch
 from transformers import ResNetConfig
@@ -64,3 +64,29 @@ def test_tiny_model_overfits_one_batch():
         assert final <= 0.1 * losses[0], (losses[0], final)
     finally:
         torch.set_num_threads(previous_threads)
+
+
+def test_model_loss_matches_transformers_model_with_the_same_weights_and_seed():
+    # The loss wired into the model: our Mask2FormerForUniversalSegmentation and transformers' with the same weights
+    # and the same seed (hence the same sampled points) give the same total; the per-term dict holds the weighted
+    # terms of every decoder layer.
+    from transformers import Mask2FormerForUniversalSegmentation as TransformersMask2FormerForUniversalSegmentation
+
+    config = tiny_config()
+    torch.manual_seed(0)
+    model = Mask2FormerForUniversalSegmentation(config).eval()
+    reference = TransformersMask2FormerForUniversalSegmentation(config).eval()
+    reference.load_state_dict(model.state_dict(), strict=True)
+    pixel_values = torch.randn(2, 3, 64, 64)
+    mask_labels = [(torch.rand(2, 64, 64) > 0.5).float(), (torch.rand(3, 64, 64) > 0.5).float()]
+    class_labels = [torch.tensor([0, 2]), torch.tensor([1, 0, 1])]
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ours = model(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+        torch.manual_seed(5)
+        theirs = reference(pixel_values=pixel_values, mask_labels=mask_labels, class_labels=class_labels)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-4, atol=1e-5)
+    assert set(ours.loss_dict) == {
+        f"loss_{name}{suffix}" for name in ("cross_entropy", "mask", "dice") for suffix in ("", "_0")
+    }
+    torch.testing.assert_close(sum(ours.loss_dict.values()), ours.loss)
