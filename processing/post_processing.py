@@ -520,20 +520,25 @@ def post_process_instance_segmentation(
     logit_threshold = _probability_to_logit(mask_threshold)
     results = []
     for index, geometry in enumerate(geometries):
-        candidate_logits = _crop(mask_logits[index], geometry)[top_queries[index]]  # (T, h, w)
-        candidate_probs = candidate_logits.sigmoid()
-        inside = (candidate_logits >= logit_threshold).flatten(1)  # (T, h*w)
-        mask_scores = (candidate_probs.flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)
-        candidate_scores = top_probs[index] * mask_scores  # (T,)
-        kept = (candidate_scores >= threshold).nonzero()[:, 0]
-        kept = kept[candidate_scores[kept].argsort(descending=True, stable=True)]  # (N,) best first
+        # score <= class probability: pairs below the threshold already are out, before touching any mask.
+        hopeful = (top_probs[index] >= threshold).nonzero()[:, 0]  # (T',)
+        # The mask score depends on the query only: compute it once per query in play.
+        queries, query_of_pair = torch.unique(top_queries[index, hopeful], return_inverse=True)
+        query_logits = _crop(mask_logits[index], geometry)[queries]  # (U, h, w)
+        inside = (query_logits >= logit_threshold).flatten(1)  # (U, h*w)
+        mask_scores = (query_logits.sigmoid().flatten(1) * inside).sum(1) / (inside.sum(1) + 1e-6)  # (U,)
+        pair_scores = top_probs[index, hopeful] * mask_scores[query_of_pair]  # (T',)
+        passing = (pair_scores >= threshold).nonzero()[:, 0]
+        order = passing[pair_scores[passing].argsort(descending=True, stable=True)]  # (N,) best first
+        kept = hopeful[order]
+        candidate_logits, candidate_scores = query_logits[query_of_pair[order]], pair_scores[order]
         if kept.numel() == 0:
             empty = _empty_result(geometry, fill=-1, binary=return_binary_maps, device=mask_logits.device)
             if return_coco_annotation:
                 empty["segmentation"] = []
             results.append(empty)
             continue
-        kept_logits, kept_scores = candidate_logits[kept], candidate_scores[kept]
+        kept_logits, kept_scores = candidate_logits, candidate_scores  # (N, h, w), (N,)
         grid = _grid_for(mask_logits, geometry)
         decision = decide_upsampled(
             kept_logits,
