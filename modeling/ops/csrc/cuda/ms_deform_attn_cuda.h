@@ -1,0 +1,38 @@
+// Launchers of the CUDA kernels, declared without torch or CUDA types so that the binding (g++) and the kernel
+// translation unit (nvcc) share nothing heavier than this header.
+#pragma once
+
+#include <cstdint>
+
+namespace mask2former {
+namespace msda {
+
+enum class CudaDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
+
+struct CudaProblem {
+  int64_t batch;
+  int64_t num_values;   // S
+  int64_t num_heads;    // h
+  int64_t head_dim;     // D
+  int64_t num_queries;  // Q
+  int64_t num_levels;   // L
+  int64_t num_points;   // P
+};
+
+// All tensors contiguous on one device; spatial_shapes is the (L, 2) int64 tensor's device pointer (read by the
+// kernels, never by the host). `stream` is a cudaStream_t. Returns a cudaError_t (0 on success).
+int launch_ms_deform_attn_forward(CudaDtype dtype, const CudaProblem& problem, const void* value,
+                                  const int64_t* spatial_shapes, const void* sampling_locations,
+                                  const void* attention_weights, void* output, void* stream);
+
+// Gradients are accumulated in the accumulation type (float for fp32/fp16/bf16, double for fp64) into buffers the
+// caller zeroed; the caller casts them back to the input dtype.
+int launch_ms_deform_attn_backward(CudaDtype dtype, const CudaProblem& problem, const void* value,
+                                   const int64_t* spatial_shapes, const void* sampling_locations,
+                                   const void* attention_weights, const void* grad_output, void* grad_value,
+                                   void* grad_sampling_locations, void* grad_attention_weights, void* stream);
+
+const char* cuda_error_name(int error);
+
+}  // namespace msda
+}  // namespace mask2former
