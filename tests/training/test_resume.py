@@ -14,14 +14,22 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from mask2former.training.train import list_checkpoints, main
+from mask2former.training.train import list_checkpoints, load_recipe, main
 
-# 16 images, batch 1 x 2 micro-batches: 8 steps per epoch, so the step-5 checkpoint is mid-epoch, and the resumed
-# run crosses the epoch boundary (step 8) before it ends at step 10.
+# 8 training images, batch 1 x 2 micro-batches: 4 steps per epoch, so the step-3 checkpoint is mid-epoch and the
+# resumed run crosses the epoch boundary (after step 4) before it ends at step 6.
 ARGS = [
-    *("--recipe", "tiny-test", "--no-progress", "--max-steps", "10", "--save-every", "5", "--keep-last", "5"),
-    *("--per-device-batch-size", "1", "--gradient-accumulation-steps", "2", "--log-every", "1", "--seed", "3"),
+    *("--no-progress", "--max-steps", "6", "--save-every", "3", "--keep-last", "5", "--per-device-batch-size", "1"),
+    *("--gradient-accumulation-steps", "2", "--log-every", "1", "--seed", "3"),
 ]
+
+
+def _recipe(tmp_path):
+    recipe = load_recipe("tiny-test")
+    recipe["dataset_options"]["num_train_images"] = 8
+    path = tmp_path / "tiny-resume.json"
+    path.write_text(json.dumps(recipe))
+    return ["--recipe", str(path)]
 
 
 def _losses(output_dir):
@@ -31,20 +39,20 @@ def _losses(output_dir):
 
 def test_n_steps_resume_n_steps_equals_2n_steps(tmp_path):
     straight = tmp_path / "straight"
-    assert main([*ARGS, "--output-dir", str(straight)]) == 0
-    midway = [path for path in list_checkpoints(straight) if path.name.endswith("00000005")][0]
+    assert main([*_recipe(tmp_path), *ARGS, "--output-dir", str(straight)]) == 0
+    midway = [path for path in list_checkpoints(straight) if path.name.endswith("00000003")][0]
 
     resumed = tmp_path / "resumed"
     shutil.copytree(midway, resumed / "checkpoints" / midway.name)
-    # what a run killed while writing its step-8 checkpoint leaves behind: resume must not pick it
-    broken = resumed / "checkpoints" / ".tmp-checkpoint-00000008"
+    # what a run killed while writing its step-5 checkpoint leaves behind: resume must not pick it
+    broken = resumed / "checkpoints" / ".tmp-checkpoint-00000005"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes(b"truncated")
-    assert main([*ARGS, "--output-dir", str(resumed), "--resume-from", "latest"]) == 0
+    assert main([*_recipe(tmp_path), *ARGS, "--output-dir", str(resumed), "--resume-from", "latest"]) == 0
 
     straight_log, resumed_log = _losses(straight), _losses(resumed)
-    assert sorted(resumed_log) == list(range(6, 11))  # it continued at step 6
-    for step in range(6, 11):
+    assert sorted(resumed_log) == [4, 5, 6]  # it continued at step 4
+    for step in (4, 5, 6):
         assert resumed_log[step][1] == straight_log[step][1], f"learning rate differs at step {step}"
         assert abs(resumed_log[step][0] - straight_log[step][0]) < 1e-5, f"loss differs at step {step}"
 
