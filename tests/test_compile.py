@@ -1,0 +1,44 @@
+"""torch.compile(fullgraph=True) of the deformable-attention op and of the whole inference forward.
+
+``fullgraph=True`` makes any graph break (data-dependent Python control flow, ``.item()``, a host read of a tensor)
+an error, so these tests fail when the pixel_mask=None path stops being a single graph. They compile with the
+``aot_eager`` backend: it traces through AOTAutograd (fake kernels included) like inductor does, without spending
+CI time generating C++; ``bench/export.py`` measures the inductor-compiled model.
+"""
+
+from pathlib import Path
+
+import torch
+
+from mask2former.modeling.ops import multi_scale_deformable_attention
+
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny-resnet-coco-panoptic"
+
+
+def test_compiled_deformable_attention_matches_eager_without_graph_break():
+    torch._dynamo.reset()
+    shapes = [(8, 12), (4, 6)]
+    value = torch.randn(2, sum(h * w for h, w in shapes), 2, 4)
+    sampling_locations = torch.rand(2, 5, 2, 2, 3, 2)
+    attention_weights = torch.rand(2, 5, 2, 2, 3).softmax(-1)
+    spatial_shapes = torch.tensor(shapes)
+    compiled = torch.compile(multi_scale_deformable_attention, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(
+        compiled(value, spatial_shapes, sampling_locations, attention_weights),
+        multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, attention_weights),
+    )
+
+
+def test_compiled_model_matches_eager_without_graph_break():
+    from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+
+    torch._dynamo.reset()
+    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(TINY_CONFIG)).eval()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for shape in [(2, 3, 96, 128), (1, 3, 64, 160)]:
+        pixel_values = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(pixel_values=pixel_values)
+            actual = compiled(pixel_values=pixel_values)
+        torch.testing.assert_close(actual.class_queries_logits, expected.class_queries_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, atol=1e-5, rtol=1e-5)
