@@ -438,6 +438,7 @@ class TrainingData:
     label_info: Any  # datasets.LabelInfo
     collate_fn: Any  # records -> model inputs
     eval_collate_fn: Any  # records -> model inputs + "targets"
+    instance_ground_truth: str | None = None  # COCO instances JSON of the evaluated split (exact overlapping masks)
 
 
 class AugmentedRecords(torch.utils.data.Dataset):
@@ -500,6 +501,12 @@ def build_data(settings: TrainSettings, processor: Any) -> TrainingData:
     eval_source = _dataset_kwargs(settings, settings.eval_dataset)["source"]
     eval_records = load_dataset_for_segmentation(eval_source, split=eval_split, task=settings.task)
     label_info = segmentation_label_info(train_records)
+    instance_ground_truth = None
+    eval_annotations = Path(eval_source) / "annotations"
+    if settings.task == "instance" and settings.num_eval_images is None and eval_annotations.is_dir():
+        # score against the JSON's overlapping instance masks, as COCO does (a record's segment map cannot hold them)
+        candidates = sorted(eval_annotations.glob(f"instances_{eval_split}*.json"))
+        instance_ground_truth = str(candidates[0]) if candidates else None
     thing_ids = label_info.thing_ids
     # The paper's augmentations already give fixed-size crops: the processor must not resize them again (its own
     # resizing, saved with the model, is the inference one and still applies to evaluation).
@@ -512,6 +519,7 @@ def build_data(settings: TrainSettings, processor: Any) -> TrainingData:
         label_info=label_info,
         collate_fn=SegmentationCollator(processor, task=settings.task, thing_ids=thing_ids, **train_processor_kwargs),
         eval_collate_fn=SegmentationCollator(processor, task=settings.task, thing_ids=thing_ids, keep_targets=True),
+        instance_ground_truth=instance_ground_truth,
     )
 
 
@@ -597,7 +605,7 @@ def evaluate_model(
 
     from .evaluate import build_evaluator
 
-    evaluator = build_evaluator(settings.task, data.label_info)
+    evaluator = build_evaluator(settings.task, data.label_info, instance_ground_truth=data.instance_ground_truth)
     indices = list(range(len(data.eval_dataset)))[accelerator.process_index :: accelerator.num_processes]
     batch_size = settings.per_device_batch_size
     batches = [indices[start : start + batch_size] for start in range(0, len(indices), batch_size)]
@@ -893,6 +901,9 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         )
         return metrics
 
+    # The paper trains without a padding mask (padding is seen as content; the losses use the padded targets); the
+    # model's exact padding invariance costs one backbone call per distinct image size, so it is opt-in here.
+    train_with_pixel_mask = bool(settings.recipe.get("train_with_pixel_mask", False))
     latest_metrics: dict[str, float] = {}
     model.train()
     batches = batches_from(progress_state.micro_step)
@@ -910,6 +921,8 @@ def train(settings: TrainSettings) -> dict[str, Any]:
         step_losses: dict[str, float] = {}
         for micro in range(accumulation):
             batch = _move_to_device(next(batches), accelerator.device)
+            if not train_with_pixel_mask:
+                batch.pop("pixel_mask", None)
             progress_state.micro_step += 1
             last = micro == accumulation - 1
             # Gradients are all-reduced once per optimizer step, on the last micro-batch.
