@@ -423,3 +423,29 @@ def test_full_size_swin_tiny_coco_panoptic_equals_transformers():
     assert ours.masks_queries_logits.shape == (1, 100, 96, 96)
     assert len(ours.auxiliary_logits) == 9
     assert_predictions_equal(ours, theirs)
+
+
+def test_real_images_through_the_processor_alone_and_batched(coco_sample_root):
+    """Two COCO images of different sizes: each image's outputs are the same alone and in the padded batch."""
+    from PIL import Image
+
+    from mask2former import Mask2FormerImageProcessor
+
+    paths = sorted((coco_sample_root / "val2017").glob("*.jpg"))
+    images = [
+        Image.open(paths[0]).convert("RGB").resize((100, 70)),
+        Image.open(paths[1]).convert("RGB").resize((200, 150)),
+    ]
+    processor = Mask2FormerImageProcessor(do_resize=False)
+    batch = processor(images=images, return_tensors="pt")
+    assert batch["pixel_values"].shape[-2:] == (160, 224)
+    model = Mask2FormerForUniversalSegmentation(tiny_config("swin")).eval()
+    with torch.no_grad():
+        batched = model(**batch)
+        for index, image in enumerate(images):
+            alone = model(**processor(images=[image], return_tensors="pt"))
+            height, width = alone.masks_queries_logits.shape[-2:]  # image 0: 96x128 input -> 24x32
+            assert_close_relative(batched.class_queries_logits[index], alone.class_queries_logits[0], f"cls {index}")
+            assert_close_relative(
+                batched.masks_queries_logits[index, :, :height, :width], alone.masks_queries_logits[0], f"mask {index}"
+            )
