@@ -84,5 +84,5 @@ class Mask2FormerMaskPredictor(nn.Module):
         # a row with nothing to attend to falls back to every (valid) key
         empty_row = ~attend.any(-1, keepdim=True)  # (B, Q, 1)
         fallback = torch.ones_like(attend) if key_valid_mask is None else key_valid_mask[:, None, :].expand_as(attend)
-        attend = torch.where(empty_row, fallback, attend)
+        attend = attend | (empty_row & fallback)  # not torch.where: ONNX Runtime has no Where on booleans
         return mask_logits, attend[:, None]  # (B, 1, Q, h*w)
