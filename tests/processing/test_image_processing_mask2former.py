@@ -281,7 +281,9 @@ def test_bad_input_raises_value_errors(tmp_path):
 
 
 def _tiny_model():
-    from transformers import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, SwinConfig
+    from transformers import SwinConfig
+
+    from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
 
     backbone = SwinConfig(
         embed_dim=16,

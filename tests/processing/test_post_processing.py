@@ -6,6 +6,7 @@ the padded region is cropped before resizing, `mask_threshold` and `overlap_mask
 instances, panoptic `segments_info` has one entry per (fused) segment.
 """
 
+import functools
 import json
 from types import SimpleNamespace
 
@@ -87,6 +88,7 @@ def test_semantic_decision_equals_dense_argmax():
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=1)
 def _coco_ground_truth(root):
     panoptic = json.loads((root / "annotations" / "panoptic_val2017.json").read_text())
     categories = sorted(category["id"] for category in panoptic["categories"])
@@ -102,6 +104,15 @@ def _coco_ground_truth(root):
         ]
         samples.append((torch.from_numpy(ids), segments))
     return samples, len(categories), things
+
+
+@functools.lru_cache(maxsize=1)
+def _coco_outputs(root):
+    """The COCO sample's ground truth and its confident outputs for the 384-shortest-edge processor (shared)."""
+    samples, num_classes, things = _coco_ground_truth(root)
+    processor = Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333})
+    outputs, _ = _confident_outputs(processor, samples, num_classes)
+    return processor, samples, num_classes, things, outputs
 
 
 def _confident_outputs(processor, samples, num_classes, num_queries=60, confidence=10.0):
@@ -170,9 +181,7 @@ def _panoptic_quality(prediction, prediction_info, ids, segments):
 
 
 def test_coco_ground_truth_comes_back_through_panoptic_post_processing(coco_sample_root):
-    samples, num_classes, _ = _coco_ground_truth(coco_sample_root)
-    processor = Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333})
-    outputs, _ = _confident_outputs(processor, samples, num_classes)
+    processor, samples, num_classes, _, outputs = _coco_outputs(coco_sample_root)
     target_sizes = [tuple(ids.shape) for ids, _ in samples]
     results = processor.post_process_panoptic_segmentation(outputs, target_sizes=target_sizes)
 
@@ -211,9 +220,7 @@ def test_coco_ground_truth_comes_back_through_panoptic_post_processing(coco_samp
 
 
 def test_coco_ground_truth_comes_back_through_semantic_post_processing(coco_sample_root):
-    samples, num_classes, _ = _coco_ground_truth(coco_sample_root)
-    processor = Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333})
-    outputs, _ = _confident_outputs(processor, samples, num_classes)
+    processor, samples, num_classes, _, outputs = _coco_outputs(coco_sample_root)
     results = processor.post_process_semantic_segmentation(outputs, target_sizes=[ids.shape for ids, _ in samples])
     intersections, unions = torch.zeros(num_classes), torch.zeros(num_classes)
     for prediction, (ids, segments) in zip(results, samples):
@@ -232,9 +239,7 @@ def test_coco_ground_truth_comes_back_through_semantic_post_processing(coco_samp
 
 
 def test_coco_instances_come_back_with_their_classes(coco_sample_root):
-    samples, num_classes, things = _coco_ground_truth(coco_sample_root)
-    processor = Mask2FormerImageProcessor(size={"shortest_edge": 384, "longest_edge": 1333})
-    outputs, _ = _confident_outputs(processor, samples, num_classes)
+    processor, samples, num_classes, things, outputs = _coco_outputs(coco_sample_root)
     results = processor.post_process_instance_segmentation(
         outputs, target_sizes=[ids.shape for ids, _ in samples], return_binary_maps=True
     )
