@@ -565,7 +565,11 @@ def post_process_instance_segmentation(
             if return_coco_annotation:
                 segmentation = [rle for chunk in chunks for rle in _encode_rle(mask_utils, chunk)]
             else:
-                segmentation = torch.cat(chunks) if chunks else torch.zeros(0, *grid.target_size, dtype=torch.bool)
+                segmentation = (
+                    torch.cat(chunks)
+                    if chunks
+                    else torch.zeros(0, *grid.target_size, dtype=torch.bool, device=kept_logits.device)
+                )
         else:
             segmentation = decision.render(instance_ids, fill=-1).int()
         results.append({"segmentation": segmentation, "segments_info": segments_info})

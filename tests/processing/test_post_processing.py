@@ -369,6 +369,18 @@ def test_padding_is_cropped_so_batching_does_not_change_results():
         _outputs(class_logits, padded), [(300, 500)], pixel_mask=pixel_mask
     )
     torch.testing.assert_close(semantic_batched[0], semantic_single[0])
+    # image_sizes gives the valid region in input pixels directly.
+    explicit = processor.post_process_panoptic_segmentation(
+        _outputs(class_logits, padded), target_sizes=[(300, 500)], image_sizes=[(96, 160)]
+    )
+    torch.testing.assert_close(explicit[0]["segmentation"], single[0]["segmentation"])
+    # With scores, their argmax is the map (dense path, same grid).
+    with_scores = processor.post_process_semantic_segmentation(
+        _outputs(class_logits, alone), [(300, 500)], return_segmentation_scores=True
+    )[0]
+    assert with_scores["segmentation_scores"].shape == (4, 300, 500)
+    agreement = (with_scores["segmentation_scores"].argmax(0) == with_scores["segmentation"]).float().mean()
+    assert agreement > 0.999
 
 
 def test_semantic_agrees_with_transformers_where_no_padding():
