@@ -34,7 +34,8 @@ def test_compiled_model_matches_eager_without_graph_break():
 
     torch._dynamo.reset()
     model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(TINY_CONFIG)).eval()
-    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    # dynamic=True: one graph for both sizes below (a specialised size would recompile or fail)
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
     for shape in [(2, 3, 96, 128), (1, 3, 64, 160)]:
         pixel_values = torch.randn(*shape)
         with torch.no_grad():
