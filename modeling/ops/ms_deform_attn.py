@@ -245,11 +245,12 @@ def multi_scale_deformable_attention(
     _check_inputs(value, value_spatial_shapes, sampling_locations, attention_weights)
     dtype = torch.promote_types(torch.promote_types(value.dtype, sampling_locations.dtype), attention_weights.dtype)
     # Mixed dtypes (autocast keeps reference points in fp32) run in the widest one, as grid_sample would.
-    value, sampling_locations, attention_weights = (
-        value.to(dtype),
-        sampling_locations.to(dtype),
-        attention_weights.to(dtype),
-    )
+    if not (value.dtype == sampling_locations.dtype == attention_weights.dtype):
+        value, sampling_locations, attention_weights = (
+            value.to(dtype),
+            sampling_locations.to(dtype),
+            attention_weights.to(dtype),
+        )
     backend = active_backend(value.device, dtype)
     if not torch.compiler.is_compiling():
         _log_path_once(backend, value.device, dtype)

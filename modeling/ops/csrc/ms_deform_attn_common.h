@@ -99,6 +99,31 @@ MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_sample(
   return true;
 }
 
+// The common case in one test: all four corners inside the map. Fills the top-left corner's row index and the four
+// weights (same corner order and arithmetic as bilinear_sample, so both give identical results) and returns true;
+// returns false (leaving the outputs unspecified) when bilinear_sample must handle the point.
+template <typename acc_t>
+MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_sample_interior(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
+                                                           int64_t& top_left, acc_t weight[4]) {
+  const acc_t x = loc_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
+  const acc_t y = loc_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
+  if (!(x >= acc_t(0) && y >= acc_t(0) && x < static_cast<acc_t>(width - 1) && y < static_cast<acc_t>(height - 1))) {
+    return false;
+  }
+  // Non-negative: truncation is floor.
+  const int64_t x0 = static_cast<int64_t>(x);
+  const int64_t y0 = static_cast<int64_t>(y);
+  const acc_t fx = x - static_cast<acc_t>(x0);
+  const acc_t fy = y - static_cast<acc_t>(y0);
+  const acc_t one = static_cast<acc_t>(1);
+  weight[0] = (one - fy) * (one - fx);
+  weight[1] = (one - fy) * fx;
+  weight[2] = fy * (one - fx);
+  weight[3] = fy * fx;
+  top_left = y0 * width + x0;
+  return true;
+}
+
 // Bilinear value of one channel: `level_value` points at row 0 of the level for this (batch, head, channel),
 // consecutive rows are `row_stride` elements apart. Corners outside the map read nothing.
 template <typename acc_t, typename scalar_t>

@@ -180,11 +180,25 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
           batch_value + problem.level_start[level] * row_stride + head * problem.value_head_stride;
       for (int64_t point = 0; point < problem.num_points; ++point) {
         const int64_t sample_index = first_sample + level * problem.num_points + point;
-        BilinearSample<acc_t> sample;
-        const bool inside = bilinear_sample<acc_t>(static_cast<acc_t>(sampling_locations[2 * sample_index]),
-                                                   static_cast<acc_t>(sampling_locations[2 * sample_index + 1]),
-                                                   height, width, sample);
+        const acc_t location_x = static_cast<acc_t>(sampling_locations[2 * sample_index]);
+        const acc_t location_y = static_cast<acc_t>(sampling_locations[2 * sample_index + 1]);
         const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
+        int64_t top_left;
+        acc_t interior_weight[4];
+        if (bilinear_sample_interior<acc_t>(location_x, location_y, height, width, top_left, interior_weight)) {
+          const scalar_t* top_left_row = level_value + top_left * row_stride;
+          corner_rows[corner_index] = top_left_row;
+          corner_rows[corner_index + 1] = top_left_row + row_stride;
+          corner_rows[corner_index + 2] = top_left_row + width * row_stride;
+          corner_rows[corner_index + 3] = top_left_row + (width + 1) * row_stride;
+          for (int corner = 0; corner < 4; ++corner) {
+            corner_weights[corner_index + corner] = attention * interior_weight[corner];
+          }
+          corner_index += 4;
+          continue;
+        }
+        BilinearSample<acc_t> sample;
+        const bool inside = bilinear_sample<acc_t>(location_x, location_y, height, width, sample);
         for (int corner = 0; corner < 4; ++corner, ++corner_index) {
           const bool valid = inside && sample.valid[corner];
           corner_rows[corner_index] = valid ? level_value + sample.offset[corner] * row_stride : zero_row.data();
@@ -198,17 +212,29 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
       using Vector = ChannelVector<scalar_t>;
       using vec_t = typename Vector::vec_t;
       constexpr int kVectors = kHeadDim / Vector::kLanes;
-      vec_t accumulator[kVectors];
-      for (int block = 0; block < kVectors; ++block) accumulator[block] = vec_t{};
-      for (int64_t corner = 0; corner < num_corners; ++corner) {
-        const vec_t weight = vec_t{} + corner_weights[corner];
-        const scalar_t* row = corner_rows[corner];
+      // Two accumulator sets (upper and lower corner pair) halve the chain of dependent multiply-adds, which
+      // otherwise bounds the sweep by the FMA latency. num_corners is a multiple of 4.
+      vec_t upper[kVectors], lower[kVectors];
+      for (int block = 0; block < kVectors; ++block) upper[block] = lower[block] = vec_t{};
+      for (int64_t corner = 0; corner < num_corners; corner += 4) {
+        const vec_t weight0 = vec_t{} + corner_weights[corner];
+        const vec_t weight1 = vec_t{} + corner_weights[corner + 1];
+        const vec_t weight2 = vec_t{} + corner_weights[corner + 2];
+        const vec_t weight3 = vec_t{} + corner_weights[corner + 3];
+        const scalar_t* row0 = corner_rows[corner];
+        const scalar_t* row1 = corner_rows[corner + 1];
+        const scalar_t* row2 = corner_rows[corner + 2];
+        const scalar_t* row3 = corner_rows[corner + 3];
         MSDA_UNROLL
         for (int block = 0; block < kVectors; ++block) {
-          accumulator[block] += weight * Vector::load(row + block * Vector::kLanes);
+          const int lane = block * Vector::kLanes;
+          upper[block] += weight0 * Vector::load(row0 + lane) + weight1 * Vector::load(row1 + lane);
+          lower[block] += weight2 * Vector::load(row2 + lane) + weight3 * Vector::load(row3 + lane);
         }
       }
-      for (int block = 0; block < kVectors; ++block) Vector::store(output_row + block * Vector::kLanes, accumulator[block]);
+      for (int block = 0; block < kVectors; ++block) {
+        Vector::store(output_row + block * Vector::kLanes, upper[block] + lower[block]);
+      }
       continue;
     }
 #endif
