@@ -339,3 +339,28 @@ def test_transformers_pipeline_runs_unchanged(subtask):
     assert annotations, "the pipeline returned no segment"
     for annotation in annotations:
         assert annotation["mask"].size == image.size and annotation["label"].startswith("class ")
+
+
+def test_every_hub_config_of_the_model_zoo_loads():
+    folders = sorted((Path(__file__).resolve().parents[2] / "hub_configs").glob("*/preprocessor_config.json"))
+    assert folders, "hub_configs/ has no preprocessor configs"
+    image = np.zeros((48, 64, 3), np.uint8)
+    for config_file in folders:
+        processor = Mask2FormerImageProcessor.from_pretrained(config_file.parent)
+        expected = json.loads(config_file.read_text())
+        assert processor.size_divisor == expected.get("size_divisor", 32)
+        height, width = processor.resized_size(48, 64)
+        assert processor(image, return_tensors="pt")["pixel_values"].shape[-2:] == (height, width)
+
+
+def test_encode_inputs_pads_and_encodes_preprocessed_images():
+    processor = Mask2FormerImageProcessor(ignore_index=255)
+    images = [np.random.default_rng(5).normal(size=(3, 40, 50)).astype(np.float32), np.zeros((3, 64, 20), np.float32)]
+    maps = [np.full((40, 50), 4, np.int64), np.full((64, 20), 255, np.int64)]
+    maps[0][:10] = 2
+    encoded = processor.encode_inputs(images, segmentation_maps=maps, return_tensors="pt")
+    assert encoded["pixel_values"].shape == (2, 3, 64, 64)
+    torch.testing.assert_close(encoded["pixel_values"][0, :, :40, :50], torch.from_numpy(images[0]))
+    assert encoded["class_labels"][0].tolist() == [2, 4] and encoded["class_labels"][1].tolist() == []
+    assert encoded["mask_labels"][0][0, :10, :50].all() and encoded["mask_labels"][0][0].sum() == 10 * 50
+    assert encoded["mask_labels"][0][:, 40:].sum() == 0
