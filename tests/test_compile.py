@@ -34,10 +34,9 @@ def test_compiled_model_matches_eager_without_graph_break():
 
     torch._dynamo.reset()
     model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(TINY_CONFIG)).eval()
-    # dynamic=True: one graph for both sizes below (a specialised size would recompile or fail)
-    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
-    for shape in [(2, 3, 96, 128), (1, 3, 64, 160)]:
-        pixel_values = torch.randn(*shape)
+    # one size: dynamic sizes are covered by tests/test_export.py, and each recompile costs CI a minute
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for pixel_values in [torch.randn(2, 3, 96, 128), torch.randn(2, 3, 96, 128)]:  # the second call reuses the graph
         with torch.no_grad():
             expected = model(pixel_values=pixel_values)
             actual = compiled(pixel_values=pixel_values)
