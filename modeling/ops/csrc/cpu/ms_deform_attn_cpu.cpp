@@ -61,6 +61,11 @@ struct Problem {
   int64_t value_batch_stride;
   int64_t value_row_stride;
   int64_t value_head_stride;
+  // Strides of sampling_locations / attention_weights along batch, query and head, counted in samples (one
+  // sample = one (level, point); its location is 2 elements). The L*P samples of one (b, q, head) are contiguous.
+  int64_t sample_batch_stride;
+  int64_t sample_query_stride;
+  int64_t sample_head_stride;
   const int64_t* spatial_shapes;  // (L, 2) as (H, W)
   const int64_t* level_start;     // (L,) first row of each level
 };
@@ -164,14 +169,15 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
 
   const int64_t num_blocks = (problem.num_queries + kQueryBlock - 1) / kQueryBlock;
   for (int64_t block_item = begin; block_item < end; ++block_item) {
-    const int64_t batch_index = block_item / num_blocks;
+    const int64_t batch_index = block_item / (problem.num_heads * num_blocks);
+    const int64_t head = (block_item / num_blocks) % problem.num_heads;
     const int64_t first_query = (block_item % num_blocks) * kQueryBlock;
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
-    for (int64_t head = 0; head < problem.num_heads; ++head)
     for (int64_t query = first_query; query < last_query; ++query) {
     const int64_t batch_query = batch_index * problem.num_queries + query;
     const scalar_t* batch_value = value + batch_index * problem.value_batch_stride;
-    const int64_t first_sample = (batch_query * problem.num_heads + head) * samples_per_head;
+    const int64_t first_sample = batch_index * problem.sample_batch_stride + query * problem.sample_query_stride +
+                                 head * problem.sample_head_stride;
     int64_t corner_index = 0;
     for (int64_t level = 0; level < problem.num_levels; ++level) {
       const int64_t height = problem.spatial_shapes[2 * level];
@@ -285,8 +291,8 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
     const int64_t batch_query = batch_index * problem.num_queries + query;
     const scalar_t* grad_output_row = grad_output + batch_query * output_row_stride + head * head_dim;
     for (int64_t channel = 0; channel < head_dim; ++channel) grad[channel] = static_cast<acc_t>(grad_output_row[channel]);
-    const int64_t first_sample =
-        ((batch_query * problem.num_heads + head) * problem.num_levels + level) * problem.num_points;
+    const int64_t first_sample = batch_index * problem.sample_batch_stride + query * problem.sample_query_stride +
+                                 head * problem.sample_head_stride + level * problem.num_points;
     for (int64_t point = 0; point < problem.num_points; ++point) {
       const int64_t sample_index = first_sample + point;
       BilinearSample<acc_t> sample;
@@ -445,6 +451,11 @@ Problem make_problem(const at::Tensor& value, const at::Tensor& sampling_locatio
   problem.value_batch_stride = value.stride(0);
   problem.value_row_stride = value.stride(1);
   problem.value_head_stride = value.stride(2);
+  const int64_t samples_per_head = problem.num_levels * problem.num_points;
+  problem.sample_batch_stride = sampling_locations.stride(0) / 2;
+  problem.sample_query_stride = sampling_locations.stride(1) / 2;
+  problem.sample_head_stride = sampling_locations.stride(2) / 2;
+  (void)samples_per_head;  // the (L, P, 2) block of every (b, q, head) is dense in both layouts the callers pass
   problem.spatial_shapes = spatial_shapes.data_ptr<int64_t>();
   level_start.resize(problem.num_levels);
   level_start_rows(problem.spatial_shapes, problem.num_levels, level_start.data());
@@ -464,10 +475,13 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
                                       const at::Tensor& attention_weights_in) {
   check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in);
   check_cpu_dtype(value_in);
-  const auto value = value_in.contiguous();
+  // Head-major copies, (B, h, S, D) and (B, h, Q, L, P[, 2]), viewed back in the input shapes: the kernel then
+  // sweeps one head's queries over contiguous locations and a compact value window that stays in L2. The copies
+  // cost one pass over the inputs and save far more in cache misses.
+  const auto value = value_in.transpose(1, 2).contiguous().transpose(1, 2);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
-  const auto sampling_locations = sampling_locations_in.contiguous();
-  const auto attention_weights = attention_weights_in.contiguous();
+  const auto sampling_locations = sampling_locations_in.transpose(1, 2).contiguous().transpose(1, 2);
+  const auto attention_weights = attention_weights_in.transpose(1, 2).contiguous().transpose(1, 2);
   std::vector<int64_t> level_start;
   const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
   // (B, Q, h * D)
@@ -479,7 +493,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
     const scalar_t* weight_data = attention_weights.data_ptr<scalar_t>();
     scalar_t* output_data = output.data_ptr<scalar_t>();
     const int64_t num_blocks = (problem.num_queries + kQueryBlock - 1) / kQueryBlock;
-    at::parallel_for(0, problem.batch * num_blocks, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, problem.batch * problem.num_heads * num_blocks, 1, [&](int64_t begin, int64_t end) {
       forward_rows_any(problem, value_data, location_data, weight_data, output_data, begin, end);
     });
   });
@@ -491,20 +505,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
   check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in, &grad_output_in);
   check_cpu_dtype(value_in);
-  const auto value = value_in.contiguous();
+  // Head-major copies as in the forward: each (batch, head, level) task reads its locations contiguously.
+  const auto value = value_in.transpose(1, 2).contiguous().transpose(1, 2);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
-  const auto sampling_locations = sampling_locations_in.contiguous();
-  const auto attention_weights = attention_weights_in.contiguous();
+  const auto sampling_locations = sampling_locations_in.transpose(1, 2).contiguous().transpose(1, 2);
+  const auto attention_weights = attention_weights_in.transpose(1, 2).contiguous().transpose(1, 2);
   const auto grad_output = grad_output_in.contiguous();
   std::vector<int64_t> level_start;
   const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
   const bool reduced_precision = value.scalar_type() == at::kBFloat16;
   // bf16 gradients of value are summed over many queries: accumulate them in fp32.
-  // Same (contiguous) layout as `value`: the kernel indexes both with value's strides.
-  auto grad_value_acc =
-      at::zeros(value.sizes(), value.options().dtype(reduced_precision ? at::kFloat : value.scalar_type()));
-  auto grad_sampling_locations = at::zeros(sampling_locations.sizes(), sampling_locations.options());
-  auto grad_attention_weights = at::zeros(attention_weights.sizes(), attention_weights.options());
+  // The gradient buffers have the head-major layouts of their inputs: the kernel indexes them with the same strides.
+  auto head_major_zeros = [](const at::Tensor& like, at::ScalarType dtype) {
+    return at::zeros_like(like, like.options().dtype(dtype), at::MemoryFormat::Preserve);
+  };
+  auto grad_value_acc = head_major_zeros(value, reduced_precision ? at::kFloat : value.scalar_type());
+  auto grad_sampling_locations = head_major_zeros(sampling_locations, sampling_locations.scalar_type());
+  auto grad_attention_weights = head_major_zeros(attention_weights, attention_weights.scalar_type());
+  TORCH_INTERNAL_ASSERT(grad_value_acc.strides() == value.strides() &&
+                        grad_sampling_locations.strides() == sampling_locations.strides() &&
+                        grad_attention_weights.strides() == attention_weights.strides());
   const int64_t num_tasks = problem.batch * problem.num_heads * problem.num_levels;
   if (value.numel() > 0 && attention_weights.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
@@ -524,9 +544,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       });
     });
   }
-  auto grad_value = grad_value_acc.to(value.scalar_type(), /*non_blocking=*/false, /*copy=*/false,
-                                      at::MemoryFormat::Contiguous);
-  return {grad_value, grad_sampling_locations, grad_attention_weights};
+  // Back to the (B, S, h, D) layout (and dtype) of the input, as the fake kernel promises.
+  auto grad_value = grad_value_acc.contiguous().to(value.scalar_type());
+  return {grad_value, grad_sampling_locations.contiguous(), grad_attention_weights.contiguous()};
 }
 
 }  // namespace
