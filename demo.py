@@ -107,7 +107,13 @@ def segment_held_out(output_dir: Path, recipe_name: str, num_overlays: int) -> d
         with torch.no_grad():
             outputs = model(pixel_values=batch["pixel_values"], pixel_mask=batch["pixel_mask"])
         predictions = post_process(
-            processor, outputs, settings.task, target_sizes, data.label_info, settings.recipe.get("inference")
+            processor,
+            outputs,
+            settings.task,
+            target_sizes,
+            data.label_info,
+            settings.recipe.get("inference"),
+            pixel_mask=batch["pixel_mask"],
         )
         evaluator.update(predictions, targets)
         for record, prediction, target in zip(records, predictions, targets):

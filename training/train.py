@@ -623,7 +623,13 @@ def evaluate_model(
                 pixel_mask=batch["pixel_mask"].to(accelerator.device),
             )
         predictions = post_process(
-            processor, outputs, settings.task, target_sizes, data.label_info, settings.recipe.get("inference")
+            processor,
+            outputs,
+            settings.task,
+            target_sizes,
+            data.label_info,
+            settings.recipe.get("inference"),
+            pixel_mask=batch["pixel_mask"],
         )
         evaluator.update(predictions, targets)
     model.train(was_training)
@@ -640,19 +646,27 @@ def post_process(
     target_sizes: list[tuple[int, int]],
     label_info: Any,
     inference: dict[str, float] | None = None,
+    pixel_mask: torch.Tensor | None = None,
 ):
     """The processor's post-processing for ``task`` at the images' sizes.
 
     ``inference`` (the recipe's ``inference`` dict) sets ``threshold`` (minimum class score of a kept segment),
     ``mask_threshold`` and ``overlap_mask_area_threshold``; the defaults are the paper's panoptic settings (0.8, 0.5,
-    0.8). Instance evaluation keeps every query (AP ranks them by score), as the paper's inference does.
+    0.8). Instance evaluation keeps every query (AP ranks them by score), as the paper's inference does, as COCO
+    RLEs so that overlapping instances survive. ``pixel_mask`` (B, H, W) gives the exact valid region of each image.
     """
     settings = {**INFERENCE_DEFAULTS, **(inference or {})}
     if task == "semantic":
-        return processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes)
+        return processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes, pixel_mask=pixel_mask)
     if task == "instance":
         return processor.post_process_instance_segmentation(
-            outputs, threshold=0.0, mask_threshold=settings["mask_threshold"], target_sizes=target_sizes
+            outputs,
+            threshold=0.0,
+            mask_threshold=settings["mask_threshold"],
+            overlap_mask_area_threshold=0.0,
+            return_coco_annotation=True,
+            target_sizes=target_sizes,
+            pixel_mask=pixel_mask,
         )
     return processor.post_process_panoptic_segmentation(
         outputs,
@@ -661,6 +675,7 @@ def post_process(
         overlap_mask_area_threshold=settings["overlap_mask_area_threshold"],
         label_ids_to_fuse=set(label_info.stuff_ids),  # one segment per stuff class, as the paper's inference
         target_sizes=target_sizes,
+        pixel_mask=pixel_mask,
     )
 
 
