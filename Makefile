@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint bench clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard modeling/ops/csrc/*.cpp modeling/ops/csrc/*/*.cpp modeling/ops/csrc/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard modeling/ops/csrc/*.cpp modeling/ops/csrc/*/*.cpp modeling/ops/csrc/*.h modeling/ops/csrc/*/*.h modeling/ops/csrc/*/*.cu)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
