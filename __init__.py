@@ -21,14 +21,14 @@ _PUBLIC_API = {
 __all__ = [*_PUBLIC_API, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .modeling.configuration_mask2former import Mask2FormerConfig
+    from .modeling.configuration_mask2former import Mask2FormerConfig as Mask2FormerConfig
     from .modeling.modeling_mask2former import (
-        Mask2FormerForUniversalSegmentation,
-        Mask2FormerModel,
-        Mask2FormerPreTrainedModel,
+        Mask2FormerForUniversalSegmentation as Mask2FormerForUniversalSegmentation,
     )
-    from .modeling.ops import multi_scale_deformable_attention
-    from .processing.image_processing_mask2former import Mask2FormerImageProcessor
+    from .modeling.modeling_mask2former import Mask2FormerModel as Mask2FormerModel
+    from .modeling.modeling_mask2former import Mask2FormerPreTrainedModel as Mask2FormerPreTrainedModel
+    from .modeling.ops import multi_scale_deformable_attention as multi_scale_deformable_attention
+    from .processing.image_processing_mask2former import Mask2FormerImageProcessor as Mask2FormerImageProcessor
 
 
 def __getattr__(name: str) -> Any:

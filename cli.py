@@ -25,7 +25,9 @@ def _load(command: str):
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mask2former", description="Mask2Former: segment, evaluate, export, convert.")
+    parser = argparse.ArgumentParser(
+        prog="mask2former", description="Mask2Former: segment, evaluate, export, convert."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     wanted = next((arg for arg in (argv or []) if not arg.startswith("-")), None)
     for name in COMMANDS:
