@@ -1,10 +1,10 @@
 // CPU kernels of multi-scale deformable attention.
 //
-// Forward: parallel over (batch, query); for each head the head_dim channels are accumulated in a small array
-// that the compiler keeps in vector registers (head_dim is a template constant for the common sizes).
-// Backward: parallel over (batch, head, level) tasks. Each task owns grad_value[b, level rows, head, :] and the
-// location/weight gradients of its (head, level), and walks the queries in order, so there are no atomics and the
-// result is bitwise identical for any thread count.
+// Forward: parallel over (batch, head, block of queries) items; backward: parallel over (batch, head) tasks. Both
+// first compute the corner rows and bilinear weights of a block of samples in one vectorised pass, then sweep the
+// channels without branches (corners outside the map read a zero row appended to the head-major value copy).
+// Each backward task owns grad_value[b, :, head, :] and the location/weight gradients of (b, head), and walks the
+// queries in order, so there are no atomics and the result is bitwise identical for any thread count.
 // No -march flags: the hot loops are compiled per instruction set with `target_clones` and the loader picks the
 // clone for the running CPU (AVX-512, AVX2+FMA, or baseline x86-64).
 #include "cpu/ms_deform_attn_cpu.h"
@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn_checks.h"
@@ -146,13 +148,143 @@ MSDA_ALWAYS_INLINE auto horizontal_sum(vec_t vector) -> decltype(vector[0] + vec
 #define MSDA_HAVE_VECTOR_EXTENSIONS 0
 #endif
 
-// Query blocks [begin, end) of the flattened (batch, query block) axis. Inside a block the heads are the outer
-// loop: the block's locations and weights (kQueryBlock x h x L x P) and one head's neighbourhood of value rows both
-// stay in L2, where a query-outer order would sweep all heads' rows and a head-outer order over all queries would
-// stream the locations once per head.
-// Two phases per (query, head): every corner's row pointer and weight (attention x bilinear weight) first, then one
-// branch-free multiply-add sweep over the corners; corners outside the map point at a zero row with weight 0.
+// Lanes of the per-sample setup: 32-byte vectors of acc_t and of a same-width integer (the type of a comparison
+// result), through the GCC/Clang vector extensions, so every target_clones clone computes 8 (fp32) or 4 (fp64)
+// samples per step with its own instructions.
+template <typename acc_t>
+struct SetupLanes {
+  static constexpr int kLanes = 32 / static_cast<int>(sizeof(acc_t));
+  using int_t = std::conditional_t<sizeof(acc_t) == 4, int32_t, int64_t>;
+  typedef acc_t vec_t __attribute__((vector_size(32)));
+  typedef int_t ivec_t __attribute__((vector_size(32)));
+};
+
+template <typename vec_t, typename element_t>
+MSDA_ALWAYS_INLINE vec_t load_vector(const element_t* data) {
+  vec_t result;
+  std::memcpy(&result, data, sizeof(result));
+  return result;
+}
+
+template <typename vec_t, typename element_t>
+MSDA_ALWAYS_INLINE void store_vector(element_t* data, vec_t vector) {
+  std::memcpy(data, &vector, sizeof(vector));
+}
+
+// Rounds a count up to whole setup vectors (the setup arrays are padded so the last vector needs no tail loop).
+template <typename acc_t>
+constexpr int64_t padded_count(int64_t count) {
+  constexpr int64_t lanes = SetupLanes<acc_t>::kLanes;
+  return (count + lanes - 1) / lanes * lanes;
+}
+
+// Level parameters of every sample of a query block, in the kernels' sample order (query, level, point): the
+// per-sample setup below then reads them as vectors, without divisions.
+template <typename acc_t>
+struct LevelTable {
+  using int_t = typename SetupLanes<acc_t>::int_t;
+  std::vector<acc_t> width_f, height_f;
+  std::vector<int_t> width, height, first_row;
+  LevelTable(const Problem& problem, int64_t num_queries) {
+    const int64_t count = padded_count<acc_t>(num_queries * problem.num_levels * problem.num_points);
+    width_f.resize(count);
+    height_f.resize(count);
+    width.resize(count);
+    height.resize(count);
+    first_row.resize(count);
+    for (int64_t index = 0; index < count; ++index) {
+      const int64_t level = (index / problem.num_points) % problem.num_levels;
+      height[index] = static_cast<int_t>(problem.spatial_shapes[2 * level]);
+      width[index] = static_cast<int_t>(problem.spatial_shapes[2 * level + 1]);
+      height_f[index] = static_cast<acc_t>(problem.spatial_shapes[2 * level]);
+      width_f[index] = static_cast<acc_t>(problem.spatial_shapes[2 * level + 1]);
+      first_row[index] = static_cast<int_t>(problem.level_start[level]);
+    }
+  }
+};
+
+// Corner rows and bilinear weights of a run of samples, one array per quantity (structure of arrays).
+template <typename acc_t>
+struct SampleSetup {
+  using int_t = typename SetupLanes<acc_t>::int_t;
+  std::vector<int_t> row[4];     // value row of each corner inside its (batch, head); the zero row where outside
+  std::vector<acc_t> weight[4];  // bilinear weight of each corner, 0 where outside
+  std::vector<acc_t> frac_x, frac_y;
+  std::vector<int_t> inside;  // nonzero: some corner inside the map (else the sample and its gradients are zero)
+  explicit SampleSetup(int64_t count)
+      : frac_x(padded_count<acc_t>(count)), frac_y(padded_count<acc_t>(count)), inside(padded_count<acc_t>(count)) {
+    for (int corner = 0; corner < 4; ++corner) {
+      row[corner].resize(padded_count<acc_t>(count));
+      weight[corner].resize(padded_count<acc_t>(count));
+    }
+  }
+};
+
+// Per-sample setup of `count` consecutive samples (locations as (x, y) pairs), a vector of samples at a time: the
+// same arithmetic as bilinear_sample in the shared header (corner order, weights, validity, NaN rejection), with
+// masks instead of branches. Corners outside the map get weight 0 and the row index `zero_row`, a zero row the
+// callers append to every (batch, head), so the channel sweeps need no branch either.
+template <typename scalar_t, typename acc_t>
+MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, const LevelTable<acc_t>& table,
+                                      int64_t zero_row, SampleSetup<acc_t>& out) {
+  using Lanes = SetupLanes<acc_t>;
+  using vec_t = typename Lanes::vec_t;
+  using ivec_t = typename Lanes::ivec_t;
+  using int_t = typename Lanes::int_t;
+  constexpr int kLanes = Lanes::kLanes;
+  const vec_t one = vec_t{} + static_cast<acc_t>(1);
+  const ivec_t zero_rows = ivec_t{} + static_cast<int_t>(zero_row);
+  for (int64_t first = 0; first < count; first += kLanes) {
+    acc_t location_x[kLanes], location_y[kLanes];
+    for (int lane = 0; lane < kLanes; ++lane) {
+      const int64_t index = first + lane;
+      // Past the end: a location inside the map, whose results nobody reads.
+      location_x[lane] = index < count ? static_cast<acc_t>(locations[2 * index]) : acc_t(0.5);
+      location_y[lane] = index < count ? static_cast<acc_t>(locations[2 * index + 1]) : acc_t(0.5);
+    }
+    const vec_t width_f = load_vector<vec_t>(table.width_f.data() + first);
+    const vec_t height_f = load_vector<vec_t>(table.height_f.data() + first);
+    const ivec_t width = load_vector<ivec_t>(table.width.data() + first);
+    const ivec_t height = load_vector<ivec_t>(table.height.data() + first);
+    const ivec_t first_row = load_vector<ivec_t>(table.first_row.data() + first);
+    const vec_t x_raw = load_vector<vec_t>(location_x) * width_f - static_cast<acc_t>(0.5);
+    const vec_t y_raw = load_vector<vec_t>(location_y) * height_f - static_cast<acc_t>(0.5);
+    // As in bilinear_sample: -1 <= x < W and -1 <= y < H (all ones where true); comparisons with NaN are false.
+    const ivec_t inside = (x_raw >= -one) & (x_raw < width_f) & (y_raw >= -one) & (y_raw < height_f);
+    // Outside samples continue at coordinate +0 (no out-of-range float-to-int conversion).
+    const vec_t x = (vec_t)((ivec_t)x_raw & inside);
+    const vec_t y = (vec_t)((ivec_t)y_raw & inside);
+    // floor() of values in [-1, W): truncate, then step down where truncation rounded up (negative fractions).
+    ivec_t x0 = __builtin_convertvector(x, ivec_t);
+    ivec_t y0 = __builtin_convertvector(y, ivec_t);
+    x0 += (__builtin_convertvector(x0, vec_t) > x);  // true is -1
+    y0 += (__builtin_convertvector(y0, vec_t) > y);
+    const vec_t fx = x - __builtin_convertvector(x0, vec_t);
+    const vec_t fy = y - __builtin_convertvector(y0, vec_t);
+    const ivec_t x0_in = inside & (x0 >= 0);
+    const ivec_t x1_in = inside & (x0 + 1 < width);
+    const ivec_t y0_in = y0 >= 0;
+    const ivec_t y1_in = y0 + 1 < height;
+    const ivec_t valid[4] = {y0_in & x0_in, y0_in & x1_in, y1_in & x0_in, y1_in & x1_in};
+    const vec_t weight[4] = {(one - fy) * (one - fx), (one - fy) * fx, fy * (one - fx), fy * fx};
+    const ivec_t top_left = first_row + y0 * width + x0;
+    const ivec_t row[4] = {top_left, top_left + 1, top_left + width, top_left + width + 1};
+    for (int corner = 0; corner < 4; ++corner) {
+      store_vector(out.weight[corner].data() + first, (vec_t)((ivec_t)weight[corner] & valid[corner]));
+      store_vector(out.row[corner].data() + first, (row[corner] & valid[corner]) | (zero_rows & ~valid[corner]));
+    }
+    store_vector(out.frac_x.data() + first, fx);
+    store_vector(out.frac_y.data() + first, fy);
+    store_vector(out.inside.data() + first, inside);
+  }
+}
+
+// Work items [begin, end) of the flattened (batch, head, query block) axis. A block's locations and weights are
+// contiguous (head-major copies) and one head's neighbourhood of value rows stays in L2.
+// Two phases per block: the vectorised per-sample setup of all its samples (setup_samples), then per query one
+// branch-free multiply-add sweep over the corners; corners outside the map read the zero row with weight 0.
 // kHeadDim > 0: head_dim is that compile-time multiple of the vector width; 0: any head_dim, scalar loops.
+// Requires the head-major layouts with the appended zero row that ms_deform_attn_forward_cpu builds.
 template <typename scalar_t, int kHeadDim>
 MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* value, const scalar_t* sampling_locations,
                                      const scalar_t* attention_weights, scalar_t* output, int64_t begin, int64_t end) {
@@ -161,10 +293,9 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
   const int64_t row_stride = problem.value_row_stride;  // elements between value rows s and s + 1
   const int64_t output_row_stride = problem.num_heads * head_dim;
   const int64_t samples_per_head = problem.num_levels * problem.num_points;
-  const std::vector<scalar_t> zero_row(head_dim, scalar_t(0));
-  const int64_t num_corners = 4 * samples_per_head;
-  std::vector<const scalar_t*> corner_rows(num_corners);
-  std::vector<acc_t> corner_weights(num_corners);
+  const int64_t zero_row = problem.num_values;
+  const LevelTable<acc_t> table(problem, kQueryBlock);
+  SampleSetup<acc_t> setup(kQueryBlock * samples_per_head);
   std::vector<acc_t> scalar_accumulator(kHeadDim > 0 ? 0 : head_dim);
 
   const int64_t num_blocks = (problem.num_queries + kQueryBlock - 1) / kQueryBlock;
@@ -173,95 +304,72 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
     const int64_t head = (block_item / num_blocks) % problem.num_heads;
     const int64_t first_query = (block_item % num_blocks) * kQueryBlock;
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
+    const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
+                                       first_query * problem.sample_query_stride + head * problem.sample_head_stride;
+    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head,
+                                   sampling_locations + 2 * block_first_sample, table, zero_row, setup);
+    const scalar_t* head_value = value + batch_index * problem.value_batch_stride + head * problem.value_head_stride;
+    const scalar_t* block_attention = attention_weights + block_first_sample;
     for (int64_t query = first_query; query < last_query; ++query) {
-    const int64_t batch_query = batch_index * problem.num_queries + query;
-    const scalar_t* batch_value = value + batch_index * problem.value_batch_stride;
-    const int64_t first_sample = batch_index * problem.sample_batch_stride + query * problem.sample_query_stride +
-                                 head * problem.sample_head_stride;
-    int64_t corner_index = 0;
-    for (int64_t level = 0; level < problem.num_levels; ++level) {
-      const int64_t height = problem.spatial_shapes[2 * level];
-      const int64_t width = problem.spatial_shapes[2 * level + 1];
-      const scalar_t* level_value =
-          batch_value + problem.level_start[level] * row_stride + head * problem.value_head_stride;
-      for (int64_t point = 0; point < problem.num_points; ++point) {
-        const int64_t sample_index = first_sample + level * problem.num_points + point;
-        const acc_t location_x = static_cast<acc_t>(sampling_locations[2 * sample_index]);
-        const acc_t location_y = static_cast<acc_t>(sampling_locations[2 * sample_index + 1]);
-        const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
-        int64_t top_left;
-        acc_t interior_weight[4];
-        if (bilinear_sample_interior<acc_t>(location_x, location_y, height, width, top_left, interior_weight)) {
-          const scalar_t* top_left_row = level_value + top_left * row_stride;
-          corner_rows[corner_index] = top_left_row;
-          corner_rows[corner_index + 1] = top_left_row + row_stride;
-          corner_rows[corner_index + 2] = top_left_row + width * row_stride;
-          corner_rows[corner_index + 3] = top_left_row + (width + 1) * row_stride;
-          for (int corner = 0; corner < 4; ++corner) {
-            corner_weights[corner_index + corner] = attention * interior_weight[corner];
-          }
-          corner_index += 4;
-          continue;
-        }
-        BilinearSample<acc_t> sample;
-        const bool inside = bilinear_sample<acc_t>(location_x, location_y, height, width, sample);
-        for (int corner = 0; corner < 4; ++corner, ++corner_index) {
-          const bool valid = inside && sample.valid[corner];
-          corner_rows[corner_index] = valid ? level_value + sample.offset[corner] * row_stride : zero_row.data();
-          corner_weights[corner_index] = valid ? attention * sample.weight[corner] : acc_t(0);
-        }
-      }
-    }
-    scalar_t* output_row = output + batch_query * output_row_stride + head * head_dim;
+      const int64_t first_index = (query - first_query) * samples_per_head;
+      scalar_t* output_row = output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
 #if MSDA_HAVE_VECTOR_EXTENSIONS
-    if constexpr (kHeadDim > 0) {
-      using Vector = ChannelVector<scalar_t>;
-      using vec_t = typename Vector::vec_t;
-      constexpr int kVectors = kHeadDim / Vector::kLanes;
-      // Two accumulator sets (upper and lower corner pair) halve the chain of dependent multiply-adds, which
-      // otherwise bounds the sweep by the FMA latency. num_corners is a multiple of 4.
-      vec_t upper[kVectors], lower[kVectors];
-      for (int block = 0; block < kVectors; ++block) upper[block] = lower[block] = vec_t{};
-      for (int64_t corner = 0; corner < num_corners; corner += 4) {
-        const vec_t weight0 = vec_t{} + corner_weights[corner];
-        const vec_t weight1 = vec_t{} + corner_weights[corner + 1];
-        const vec_t weight2 = vec_t{} + corner_weights[corner + 2];
-        const vec_t weight3 = vec_t{} + corner_weights[corner + 3];
-        const scalar_t* row0 = corner_rows[corner];
-        const scalar_t* row1 = corner_rows[corner + 1];
-        const scalar_t* row2 = corner_rows[corner + 2];
-        const scalar_t* row3 = corner_rows[corner + 3];
-        MSDA_UNROLL
+      if constexpr (kHeadDim > 0) {
+        using Vector = ChannelVector<scalar_t>;
+        using vec_t = typename Vector::vec_t;
+        constexpr int kVectors = kHeadDim / Vector::kLanes;
+        // Two accumulator sets (upper and lower corner pair) halve the chain of dependent multiply-adds, which
+        // otherwise bounds the sweep by the FMA latency.
+        vec_t upper[kVectors], lower[kVectors];
+        for (int block = 0; block < kVectors; ++block) upper[block] = lower[block] = vec_t{};
+        for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
+          const acc_t attention = static_cast<acc_t>(block_attention[index]);
+          const vec_t weight0 = vec_t{} + attention * setup.weight[0][index];
+          const vec_t weight1 = vec_t{} + attention * setup.weight[1][index];
+          const vec_t weight2 = vec_t{} + attention * setup.weight[2][index];
+          const vec_t weight3 = vec_t{} + attention * setup.weight[3][index];
+          const scalar_t* row0 = head_value + static_cast<int64_t>(setup.row[0][index]) * row_stride;
+          const scalar_t* row1 = head_value + static_cast<int64_t>(setup.row[1][index]) * row_stride;
+          const scalar_t* row2 = head_value + static_cast<int64_t>(setup.row[2][index]) * row_stride;
+          const scalar_t* row3 = head_value + static_cast<int64_t>(setup.row[3][index]) * row_stride;
+          MSDA_UNROLL
+          for (int block = 0; block < kVectors; ++block) {
+            const int lane = block * Vector::kLanes;
+            upper[block] += weight0 * Vector::load(row0 + lane) + weight1 * Vector::load(row1 + lane);
+            lower[block] += weight2 * Vector::load(row2 + lane) + weight3 * Vector::load(row3 + lane);
+          }
+        }
         for (int block = 0; block < kVectors; ++block) {
-          const int lane = block * Vector::kLanes;
-          upper[block] += weight0 * Vector::load(row0 + lane) + weight1 * Vector::load(row1 + lane);
-          lower[block] += weight2 * Vector::load(row2 + lane) + weight3 * Vector::load(row3 + lane);
+          Vector::store(output_row + block * Vector::kLanes, upper[block] + lower[block]);
+        }
+        continue;
+      }
+#endif
+      acc_t* accumulator = scalar_accumulator.data();
+      for (int64_t channel = 0; channel < head_dim; ++channel) accumulator[channel] = acc_t(0);
+      for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
+        const acc_t attention = static_cast<acc_t>(block_attention[index]);
+        for (int corner = 0; corner < 4; ++corner) {
+          const acc_t corner_weight = attention * setup.weight[corner][index];
+          const scalar_t* corner_value = head_value + static_cast<int64_t>(setup.row[corner][index]) * row_stride;
+#pragma omp simd
+          for (int64_t channel = 0; channel < head_dim; ++channel) {
+            accumulator[channel] += corner_weight * static_cast<acc_t>(corner_value[channel]);
+          }
         }
       }
-      for (int block = 0; block < kVectors; ++block) {
-        Vector::store(output_row + block * Vector::kLanes, upper[block] + lower[block]);
-      }
-      continue;
-    }
-#endif
-    acc_t* accumulator = scalar_accumulator.data();
-    for (int64_t channel = 0; channel < head_dim; ++channel) accumulator[channel] = acc_t(0);
-    for (int64_t corner = 0; corner < num_corners; ++corner) {
-      const acc_t corner_weight = corner_weights[corner];
-      const scalar_t* corner_value = corner_rows[corner];
-#pragma omp simd
-      for (int64_t channel = 0; channel < head_dim; ++channel) {
-        accumulator[channel] += corner_weight * static_cast<acc_t>(corner_value[channel]);
-      }
-    }
-    for (int64_t channel = 0; channel < head_dim; ++channel) output_row[channel] = scalar_t(accumulator[channel]);
+      for (int64_t channel = 0; channel < head_dim; ++channel) output_row[channel] = scalar_t(accumulator[channel]);
     }
   }
 }
 
-// One (batch, head, level) task of the backward pass; grad_value is in acc_t (fp32 for bf16 inputs) and has value's
-// strides. Per sample: the four <grad_output, corner row> dot products (for the location and weight gradients) and
-// the four grad_value row updates, in one sweep over the channels.
+// One (batch, head) task of the backward pass; grad_value is in acc_t (fp32 for bf16 inputs) and has value's
+// strides, zero row included (it takes the weight-0 updates of outside corners). The task owns grad_value[b, :,
+// head, :] and the location/weight gradients of (b, head) and walks its queries in order, so there are no atomics
+// and every grad_value row receives its updates in the same order for any thread count.
+// Same two phases as the forward: the vectorised setup of a block of queries' samples, then per sample the four
+// <grad_output, corner row> dot products (location and weight gradients) and the four grad_value row updates in
+// one sweep over the channels.
 template <typename scalar_t, int kHeadDim>
 MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* value,
                                       const scalar_t* sampling_locations, const scalar_t* attention_weights,
@@ -272,102 +380,105 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
   const int64_t row_stride = problem.value_row_stride;
   const int64_t output_row_stride = problem.num_heads * head_dim;
-  const int64_t level = task % problem.num_levels;
-  const int64_t head = (task / problem.num_levels) % problem.num_heads;
-  const int64_t batch_index = task / (problem.num_levels * problem.num_heads);
-  const int64_t height = problem.spatial_shapes[2 * level];
-  const int64_t width = problem.spatial_shapes[2 * level + 1];
-  const int64_t level_offset = batch_index * problem.value_batch_stride + problem.level_start[level] * row_stride +
-                               head * problem.value_head_stride;
-  const scalar_t* level_value = value + level_offset;
-  acc_t* level_grad_value = grad_value + level_offset;
-
-  // Corners outside the map read a zero row and write a scratch row (with weight 0): no branch in the sweep.
-  const std::vector<scalar_t> zero_row(head_dim, scalar_t(0));
-  std::vector<acc_t> scratch_row(head_dim, acc_t(0));
+  const int64_t samples_per_head = problem.num_levels * problem.num_points;
+  const int64_t head = task % problem.num_heads;
+  const int64_t batch_index = task / problem.num_heads;
+  const int64_t head_offset = batch_index * problem.value_batch_stride + head * problem.value_head_stride;
+  const scalar_t* head_value = value + head_offset;
+  acc_t* head_grad_value = grad_value + head_offset;
+  const int64_t zero_row = problem.num_values;
+  const LevelTable<acc_t> table(problem, kQueryBlock);
+  SampleSetup<acc_t> setup(kQueryBlock * samples_per_head);
   std::vector<acc_t> grad(head_dim);
 
-  for (int64_t query = 0; query < problem.num_queries; ++query) {
-    const int64_t batch_query = batch_index * problem.num_queries + query;
-    const scalar_t* grad_output_row = grad_output + batch_query * output_row_stride + head * head_dim;
-    for (int64_t channel = 0; channel < head_dim; ++channel) grad[channel] = static_cast<acc_t>(grad_output_row[channel]);
-    const int64_t first_sample = batch_index * problem.sample_batch_stride + query * problem.sample_query_stride +
-                                 head * problem.sample_head_stride + level * problem.num_points;
-    for (int64_t point = 0; point < problem.num_points; ++point) {
-      const int64_t sample_index = first_sample + point;
-      BilinearSample<acc_t> sample;
-      // Gradients of samples with no corner inside the map stay at their zero initialisation.
-      if (!bilinear_sample<acc_t>(static_cast<acc_t>(sampling_locations[2 * sample_index]),
-                                  static_cast<acc_t>(sampling_locations[2 * sample_index + 1]), height, width,
-                                  sample)) {
-        continue;
+  for (int64_t first_query = 0; first_query < problem.num_queries; first_query += kQueryBlock) {
+    const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
+    const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
+                                       first_query * problem.sample_query_stride + head * problem.sample_head_stride;
+    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head,
+                                   sampling_locations + 2 * block_first_sample, table, zero_row, setup);
+    for (int64_t query = first_query; query < last_query; ++query) {
+      const int64_t batch_query = batch_index * problem.num_queries + query;
+      const scalar_t* grad_output_row = grad_output + batch_query * output_row_stride + head * head_dim;
+      for (int64_t channel = 0; channel < head_dim; ++channel) {
+        grad[channel] = static_cast<acc_t>(grad_output_row[channel]);
       }
-      const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
-      const scalar_t* corner_value[4];
-      acc_t* corner_grad[4];
-      acc_t corner_weight[4];
-      for (int corner = 0; corner < 4; ++corner) {
-        const bool inside = sample.valid[corner];
-        corner_value[corner] = inside ? level_value + sample.offset[corner] * row_stride : zero_row.data();
-        corner_grad[corner] = inside ? level_grad_value + sample.offset[corner] * row_stride : scratch_row.data();
-        corner_weight[corner] = attention * sample.weight[corner];
-      }
-      acc_t corner_dot[4];
-      bool done = false;
+      const int64_t first_index = (query - first_query) * samples_per_head;
+      for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
+        // Gradients of samples with no corner inside the map stay at their zero initialisation.
+        if (!setup.inside[index]) continue;
+        const int64_t sample_index = block_first_sample + index;
+        const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
+        const scalar_t* corner_value[4];
+        acc_t* corner_grad[4];
+        acc_t corner_weight[4];
+        BilinearSample<acc_t> sample;
+        for (int corner = 0; corner < 4; ++corner) {
+          const int64_t row_offset = static_cast<int64_t>(setup.row[corner][index]) * row_stride;
+          corner_value[corner] = head_value + row_offset;
+          corner_grad[corner] = head_grad_value + row_offset;
+          sample.weight[corner] = setup.weight[corner][index];
+          corner_weight[corner] = attention * sample.weight[corner];
+        }
+        sample.frac_x = setup.frac_x[index];
+        sample.frac_y = setup.frac_y[index];
+        acc_t corner_dot[4];
+        bool done = false;
 #if MSDA_HAVE_VECTOR_EXTENSIONS
-      if constexpr (kHeadDim > 0) {
-        using Vector = ChannelVector<scalar_t>;
-        using AccVector = ChannelVector<acc_t>;
-        using vec_t = typename Vector::vec_t;
-        constexpr int kLanes = Vector::kLanes;
-        constexpr int kVectors = kHeadDim / kLanes;
-        vec_t dots[4] = {vec_t{}, vec_t{}, vec_t{}, vec_t{}};
-        MSDA_UNROLL
-        for (int block = 0; block < kVectors; ++block) {
-          const vec_t g = AccVector::load(grad.data() + block * kLanes);
-          for (int corner = 0; corner < 4; ++corner) {
-            dots[corner] += g * Vector::load(corner_value[corner] + block * kLanes);
-            acc_t* grad_row = corner_grad[corner] + block * kLanes;
-            AccVector::store(grad_row, AccVector::load(grad_row) + corner_weight[corner] * g);
+        if constexpr (kHeadDim > 0) {
+          using Vector = ChannelVector<scalar_t>;
+          using AccVector = ChannelVector<acc_t>;
+          using vec_t = typename Vector::vec_t;
+          constexpr int kLanes = Vector::kLanes;
+          constexpr int kVectors = kHeadDim / kLanes;
+          vec_t dots[4] = {vec_t{}, vec_t{}, vec_t{}, vec_t{}};
+          MSDA_UNROLL
+          for (int block = 0; block < kVectors; ++block) {
+            const vec_t g = AccVector::load(grad.data() + block * kLanes);
+            for (int corner = 0; corner < 4; ++corner) {
+              dots[corner] += g * Vector::load(corner_value[corner] + block * kLanes);
+              acc_t* grad_row = corner_grad[corner] + block * kLanes;
+              AccVector::store(grad_row, AccVector::load(grad_row) + corner_weight[corner] * g);
+            }
           }
+          for (int corner = 0; corner < 4; ++corner) corner_dot[corner] = horizontal_sum<vec_t, kLanes>(dots[corner]);
+          done = true;
         }
-        for (int corner = 0; corner < 4; ++corner) corner_dot[corner] = horizontal_sum<vec_t, kLanes>(dots[corner]);
-        done = true;
-      }
 #endif
-      if (!done) {
-        const scalar_t* value0 = corner_value[0];
-        const scalar_t* value1 = corner_value[1];
-        const scalar_t* value2 = corner_value[2];
-        const scalar_t* value3 = corner_value[3];
-        acc_t* grad0 = corner_grad[0];
-        acc_t* grad1 = corner_grad[1];
-        acc_t* grad2 = corner_grad[2];
-        acc_t* grad3 = corner_grad[3];
-        acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
-        // The simd reduction order depends only on the vector width, never on the thread count.
-#pragma omp simd reduction(+ : dot0, dot1, dot2, dot3)
-        for (int64_t channel = 0; channel < head_dim; ++channel) {
-          const acc_t g = grad[channel];
-          dot0 += g * static_cast<acc_t>(value0[channel]);
-          dot1 += g * static_cast<acc_t>(value1[channel]);
-          dot2 += g * static_cast<acc_t>(value2[channel]);
-          dot3 += g * static_cast<acc_t>(value3[channel]);
-          grad0[channel] += corner_weight[0] * g;
-          grad1[channel] += corner_weight[1] * g;
-          grad2[channel] += corner_weight[2] * g;
-          grad3[channel] += corner_weight[3] * g;
+        if (!done) {
+          const scalar_t* value0 = corner_value[0];
+          const scalar_t* value1 = corner_value[1];
+          const scalar_t* value2 = corner_value[2];
+          const scalar_t* value3 = corner_value[3];
+          acc_t* grad0 = corner_grad[0];
+          acc_t* grad1 = corner_grad[1];
+          acc_t* grad2 = corner_grad[2];
+          acc_t* grad3 = corner_grad[3];
+          acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+          // Corners may share the zero row (all weight 0), so the updates go one after another, not in parallel.
+          for (int64_t channel = 0; channel < head_dim; ++channel) {
+            const acc_t g = grad[channel];
+            dot0 += g * static_cast<acc_t>(value0[channel]);
+            dot1 += g * static_cast<acc_t>(value1[channel]);
+            dot2 += g * static_cast<acc_t>(value2[channel]);
+            dot3 += g * static_cast<acc_t>(value3[channel]);
+            grad0[channel] += corner_weight[0] * g;
+            grad1[channel] += corner_weight[1] * g;
+            grad2[channel] += corner_weight[2] * g;
+            grad3[channel] += corner_weight[3] * g;
+          }
+          corner_dot[0] = dot0;
+          corner_dot[1] = dot1;
+          corner_dot[2] = dot2;
+          corner_dot[3] = dot3;
         }
-        corner_dot[0] = dot0;
-        corner_dot[1] = dot1;
-        corner_dot[2] = dot2;
-        corner_dot[3] = dot3;
+        acc_t d_sample, d_loc_x, d_loc_y;
+        sample_gradient<acc_t>(sample, corner_dot, table.height[index], table.width[index], d_sample, d_loc_x,
+                               d_loc_y);
+        grad_attention_weights[sample_index] = scalar_t(d_sample);
+        grad_sampling_locations[2 * sample_index] = scalar_t(attention * d_loc_x);
+        grad_sampling_locations[2 * sample_index + 1] = scalar_t(attention * d_loc_y);
       }
-      acc_t d_sample, d_loc_x, d_loc_y;
-      sample_gradient<acc_t>(sample, corner_dot, height, width, d_sample, d_loc_x, d_loc_y);
-      grad_attention_weights[sample_index] = scalar_t(d_sample);
-      grad_sampling_locations[2 * sample_index] = scalar_t(attention * d_loc_x);
-      grad_sampling_locations[2 * sample_index + 1] = scalar_t(attention * d_loc_y);
     }
   }
 }
@@ -455,12 +566,35 @@ Problem make_problem(const at::Tensor& value, const at::Tensor& sampling_locatio
   problem.sample_batch_stride = sampling_locations.stride(0) / 2;
   problem.sample_query_stride = sampling_locations.stride(1) / 2;
   problem.sample_head_stride = sampling_locations.stride(2) / 2;
-  (void)samples_per_head;  // the (L, P, 2) block of every (b, q, head) is dense in both layouts the callers pass
+  // The kernels read a block of queries' samples of one head as one contiguous run (head-major copies).
+  TORCH_INTERNAL_ASSERT(problem.sample_query_stride == samples_per_head);
   problem.spatial_shapes = spatial_shapes.data_ptr<int64_t>();
   level_start.resize(problem.num_levels);
   level_start_rows(problem.spatial_shapes, problem.num_levels, level_start.data());
   problem.level_start = level_start.data();
   return problem;
+}
+
+// Head-major copy of value (B, S, h, D) with one zero row appended to every (batch, head), (B, h, S + 1, D), viewed
+// back as (B, S, h, D): the kernels point corners outside the map at row S (weight 0) instead of branching.
+at::Tensor head_major_with_zero_row(const at::Tensor& value) {
+  const int64_t num_values = value.size(1);
+  TORCH_CHECK(num_values < std::numeric_limits<int32_t>::max(), "ms_deform_attn (CPU): ", num_values,
+              " value positions do not fit the kernel's 32-bit row indices; use fewer or smaller levels");
+  auto padded = at::empty({value.size(0), value.size(2), num_values + 1, value.size(3)}, value.options());
+  padded.narrow(2, 0, num_values).copy_(value.transpose(1, 2));
+  padded.select(2, num_values).zero_();
+  return padded.narrow(2, 0, num_values).transpose(1, 2);
+}
+
+// (B, Q, h, ...) -> dense (B, h, Q, ...) viewed back as (B, Q, h, ...). Always allocates, so the strides are exactly
+// those of the dense head-major layout also where a size-1 dimension would let contiguous() return a view.
+at::Tensor head_major(const at::Tensor& tensor) {
+  auto sizes = tensor.sizes().vec();
+  std::swap(sizes[1], sizes[2]);
+  auto dense = at::empty(sizes, tensor.options());
+  dense.copy_(tensor.transpose(1, 2));
+  return dense.transpose(1, 2);
 }
 
 void check_cpu_dtype(const at::Tensor& value) {
@@ -478,10 +612,10 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
   // Head-major copies, (B, h, S, D) and (B, h, Q, L, P[, 2]), viewed back in the input shapes: the kernel then
   // sweeps one head's queries over contiguous locations and a compact value window that stays in L2. The copies
   // cost one pass over the inputs and save far more in cache misses.
-  const auto value = value_in.transpose(1, 2).contiguous().transpose(1, 2);
+  const auto value = head_major_with_zero_row(value_in);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
-  const auto sampling_locations = sampling_locations_in.transpose(1, 2).contiguous().transpose(1, 2);
-  const auto attention_weights = attention_weights_in.transpose(1, 2).contiguous().transpose(1, 2);
+  const auto sampling_locations = head_major(sampling_locations_in);
+  const auto attention_weights = head_major(attention_weights_in);
   std::vector<int64_t> level_start;
   const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
   // (B, Q, h * D)
@@ -505,11 +639,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
   check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in, &grad_output_in);
   check_cpu_dtype(value_in);
-  // Head-major copies as in the forward: each (batch, head, level) task reads its locations contiguously.
-  const auto value = value_in.transpose(1, 2).contiguous().transpose(1, 2);
+  // Head-major copies as in the forward: each (batch, head) task reads its locations contiguously.
+  const auto value = head_major_with_zero_row(value_in);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
-  const auto sampling_locations = sampling_locations_in.transpose(1, 2).contiguous().transpose(1, 2);
-  const auto attention_weights = attention_weights_in.transpose(1, 2).contiguous().transpose(1, 2);
+  const auto sampling_locations = head_major(sampling_locations_in);
+  const auto attention_weights = head_major(attention_weights_in);
   const auto grad_output = grad_output_in.contiguous();
   std::vector<int64_t> level_start;
   const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
@@ -519,13 +653,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   auto head_major_zeros = [](const at::Tensor& like, at::ScalarType dtype) {
     return at::zeros_like(like, like.options().dtype(dtype), at::MemoryFormat::Preserve);
   };
-  auto grad_value_acc = head_major_zeros(value, reduced_precision ? at::kFloat : value.scalar_type());
+  // (B, h, S + 1, D) viewed as (B, S, h, D): value's strides; the extra row takes the weight-0 updates of corners
+  // outside the map.
+  auto grad_value_acc = at::zeros({problem.batch, problem.num_heads, problem.num_values + 1, problem.head_dim},
+                                  value.options().dtype(reduced_precision ? at::kFloat : value.scalar_type()))
+                            .narrow(2, 0, problem.num_values)
+                            .transpose(1, 2);
   auto grad_sampling_locations = head_major_zeros(sampling_locations, sampling_locations.scalar_type());
   auto grad_attention_weights = head_major_zeros(attention_weights, attention_weights.scalar_type());
   TORCH_INTERNAL_ASSERT(grad_value_acc.strides() == value.strides() &&
                         grad_sampling_locations.strides() == sampling_locations.strides() &&
                         grad_attention_weights.strides() == attention_weights.strides());
-  const int64_t num_tasks = problem.batch * problem.num_heads * problem.num_levels;
+  const int64_t num_tasks = problem.batch * problem.num_heads;
   if (value.numel() > 0 && attention_weights.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
       using acc_t = typename AccType<scalar_t>::type;
