@@ -144,6 +144,21 @@ MSDA_ALWAYS_INLINE auto horizontal_sum(vec_t vector) -> decltype(vector[0] + vec
   for (int lane = 0; lane < kLanes; ++lane) sum += vector[lane];  // fixed order: deterministic
   return sum;
 }
+
+// The lane sums of four 8-lane float vectors, in lanes 0-3 of the result: two rounds of pairwise adds across the
+// four vectors at once (a fixed order: deterministic), instead of four sequential 8-lane reductions.
+typedef float float8_t __attribute__((vector_size(32)));
+MSDA_ALWAYS_INLINE float8_t horizontal_sums_of_four(float8_t a, float8_t b, float8_t c, float8_t d) {
+  // [a0+a1, b0+b1, a2+a3, b2+b3, a4+a5, b4+b5, a6+a7, b6+b7]
+  const float8_t ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
+                      __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  const float8_t cd = __builtin_shufflevector(c, d, 0, 8, 2, 10, 4, 12, 6, 14) +
+                      __builtin_shufflevector(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
+  // [a0..3, b0..3, c0..3, d0..3, a4..7, b4..7, c4..7, d4..7] (each a sum of four lanes)
+  const float8_t quarter = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+                           __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+  return quarter + __builtin_shufflevector(quarter, quarter, 4, 5, 6, 7, 0, 1, 2, 3);
+}
 #else
 #define MSDA_HAVE_VECTOR_EXTENSIONS 0
 #endif
@@ -224,23 +239,47 @@ struct SampleSetup {
 // same arithmetic as bilinear_sample in the shared header (corner order, weights, validity, NaN rejection), with
 // masks instead of branches. Corners outside the map get weight 0 and the row index `zero_row`, a zero row the
 // callers append to every (batch, head), so the channel sweeps need no branch either.
+// `attention` (may be null): the samples' attention weights, folded into the corner weights. Rows are returned
+// premultiplied by `row_stride` (element offsets).
 template <typename scalar_t, typename acc_t>
-MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, const LevelTable<acc_t>& table,
-                                      int64_t zero_row, SampleSetup<acc_t>& out) {
+MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, const scalar_t* attention,
+                                      const LevelTable<acc_t>& table, int64_t zero_row, int64_t row_stride,
+                                      SampleSetup<acc_t>& out) {
   using Lanes = SetupLanes<acc_t>;
   using vec_t = typename Lanes::vec_t;
   using ivec_t = typename Lanes::ivec_t;
   using int_t = typename Lanes::int_t;
   constexpr int kLanes = Lanes::kLanes;
   const vec_t one = vec_t{} + static_cast<acc_t>(1);
-  const ivec_t zero_rows = ivec_t{} + static_cast<int_t>(zero_row);
+  const ivec_t zero_rows = ivec_t{} + static_cast<int_t>(zero_row * row_stride);
   for (int64_t first = 0; first < count; first += kLanes) {
-    acc_t location_x[kLanes], location_y[kLanes];
-    for (int lane = 0; lane < kLanes; ++lane) {
-      const int64_t index = first + lane;
-      // Past the end: a location inside the map, whose results nobody reads.
-      location_x[lane] = index < count ? static_cast<acc_t>(locations[2 * index]) : acc_t(0.5);
-      location_y[lane] = index < count ? static_cast<acc_t>(locations[2 * index + 1]) : acc_t(0.5);
+    alignas(32) acc_t location_x[kLanes], location_y[kLanes], sample_attention[kLanes];
+    if (std::is_same_v<scalar_t, acc_t> && first + kLanes <= count) {
+      // Whole vector: two contiguous loads of (x, y) pairs, split into x and y lanes.
+      const vec_t pairs_low = load_vector<vec_t>(locations + 2 * first);
+      const vec_t pairs_high = load_vector<vec_t>(locations + 2 * first + kLanes);
+      vec_t even, odd;
+      if constexpr (kLanes == 8) {
+        even = __builtin_shufflevector(pairs_low, pairs_high, 0, 2, 4, 6, 8, 10, 12, 14);
+        odd = __builtin_shufflevector(pairs_low, pairs_high, 1, 3, 5, 7, 9, 11, 13, 15);
+      } else {
+        even = __builtin_shufflevector(pairs_low, pairs_high, 0, 2, 4, 6);
+        odd = __builtin_shufflevector(pairs_low, pairs_high, 1, 3, 5, 7);
+      }
+      store_vector(location_x, even);
+      store_vector(location_y, odd);
+      for (int lane = 0; lane < kLanes; ++lane) {
+        sample_attention[lane] = attention != nullptr ? static_cast<acc_t>(attention[first + lane]) : acc_t(1);
+      }
+    } else {
+      for (int lane = 0; lane < kLanes; ++lane) {
+        const int64_t index = first + lane;
+        // Past the end: a location inside the map, whose results nobody reads.
+        location_x[lane] = index < count ? static_cast<acc_t>(locations[2 * index]) : acc_t(0.5);
+        location_y[lane] = index < count ? static_cast<acc_t>(locations[2 * index + 1]) : acc_t(0.5);
+        sample_attention[lane] =
+            attention != nullptr && index < count ? static_cast<acc_t>(attention[index]) : acc_t(1);
+      }
     }
     const vec_t width_f = load_vector<vec_t>(table.width_f.data() + first);
     const vec_t height_f = load_vector<vec_t>(table.height_f.data() + first);
@@ -266,9 +305,13 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
     const ivec_t y0_in = y0 >= 0;
     const ivec_t y1_in = y0 + 1 < height;
     const ivec_t valid[4] = {y0_in & x0_in, y0_in & x1_in, y1_in & x0_in, y1_in & x1_in};
-    const vec_t weight[4] = {(one - fy) * (one - fx), (one - fy) * fx, fy * (one - fx), fy * fx};
-    const ivec_t top_left = first_row + y0 * width + x0;
-    const ivec_t row[4] = {top_left, top_left + 1, top_left + width, top_left + width + 1};
+    // attention * bilinear weight: the product (and rounding) the previous scalar kernels formed per corner.
+    const vec_t scale = attention != nullptr ? load_vector<vec_t>(sample_attention) : one;
+    const vec_t weight[4] = {scale * ((one - fy) * (one - fx)), scale * ((one - fy) * fx),
+                             scale * (fy * (one - fx)), scale * (fy * fx)};
+    const ivec_t stride = ivec_t{} + static_cast<int_t>(row_stride);
+    const ivec_t top_left = (first_row + y0 * width + x0) * stride;
+    const ivec_t row[4] = {top_left, top_left + stride, top_left + width * stride, top_left + (width + 1) * stride};
     for (int corner = 0; corner < 4; ++corner) {
       store_vector(out.weight[corner].data() + first, (vec_t)((ivec_t)weight[corner] & valid[corner]));
       store_vector(out.row[corner].data() + first, (row[corner] & valid[corner]) | (zero_rows & ~valid[corner]));
@@ -307,9 +350,9 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
     const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
                                        first_query * problem.sample_query_stride + head * problem.sample_head_stride;
     setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head,
-                                   sampling_locations + 2 * block_first_sample, table, zero_row, setup);
+                                   sampling_locations + 2 * block_first_sample, attention_weights + block_first_sample,
+                                   table, zero_row, row_stride, setup);
     const scalar_t* head_value = value + batch_index * problem.value_batch_stride + head * problem.value_head_stride;
-    const scalar_t* block_attention = attention_weights + block_first_sample;
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t first_index = (query - first_query) * samples_per_head;
       scalar_t* output_row = output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
@@ -323,15 +366,14 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
         vec_t upper[kVectors], lower[kVectors];
         for (int block = 0; block < kVectors; ++block) upper[block] = lower[block] = vec_t{};
         for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
-          const acc_t attention = static_cast<acc_t>(block_attention[index]);
-          const vec_t weight0 = vec_t{} + attention * setup.weight[0][index];
-          const vec_t weight1 = vec_t{} + attention * setup.weight[1][index];
-          const vec_t weight2 = vec_t{} + attention * setup.weight[2][index];
-          const vec_t weight3 = vec_t{} + attention * setup.weight[3][index];
-          const scalar_t* row0 = head_value + static_cast<int64_t>(setup.row[0][index]) * row_stride;
-          const scalar_t* row1 = head_value + static_cast<int64_t>(setup.row[1][index]) * row_stride;
-          const scalar_t* row2 = head_value + static_cast<int64_t>(setup.row[2][index]) * row_stride;
-          const scalar_t* row3 = head_value + static_cast<int64_t>(setup.row[3][index]) * row_stride;
+          const vec_t weight0 = vec_t{} + setup.weight[0][index];
+          const vec_t weight1 = vec_t{} + setup.weight[1][index];
+          const vec_t weight2 = vec_t{} + setup.weight[2][index];
+          const vec_t weight3 = vec_t{} + setup.weight[3][index];
+          const scalar_t* row0 = head_value + setup.row[0][index];
+          const scalar_t* row1 = head_value + setup.row[1][index];
+          const scalar_t* row2 = head_value + setup.row[2][index];
+          const scalar_t* row3 = head_value + setup.row[3][index];
           MSDA_UNROLL
           for (int block = 0; block < kVectors; ++block) {
             const int lane = block * Vector::kLanes;
@@ -348,10 +390,9 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
       acc_t* accumulator = scalar_accumulator.data();
       for (int64_t channel = 0; channel < head_dim; ++channel) accumulator[channel] = acc_t(0);
       for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
-        const acc_t attention = static_cast<acc_t>(block_attention[index]);
         for (int corner = 0; corner < 4; ++corner) {
-          const acc_t corner_weight = attention * setup.weight[corner][index];
-          const scalar_t* corner_value = head_value + static_cast<int64_t>(setup.row[corner][index]) * row_stride;
+          const acc_t corner_weight = setup.weight[corner][index];
+          const scalar_t* corner_value = head_value + setup.row[corner][index];
 #pragma omp simd
           for (int64_t channel = 0; channel < head_dim; ++channel) {
             accumulator[channel] += corner_weight * static_cast<acc_t>(corner_value[channel]);
@@ -396,7 +437,8 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
     const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
                                        first_query * problem.sample_query_stride + head * problem.sample_head_stride;
     setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head,
-                                   sampling_locations + 2 * block_first_sample, table, zero_row, setup);
+                                   sampling_locations + 2 * block_first_sample, static_cast<const scalar_t*>(nullptr),
+                                   table, zero_row, row_stride, setup);
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t batch_query = batch_index * problem.num_queries + query;
       const scalar_t* grad_output_row = grad_output + batch_query * output_row_stride + head * head_dim;
@@ -414,7 +456,7 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
         acc_t corner_weight[4];
         BilinearSample<acc_t> sample;
         for (int corner = 0; corner < 4; ++corner) {
-          const int64_t row_offset = static_cast<int64_t>(setup.row[corner][index]) * row_stride;
+          const int64_t row_offset = setup.row[corner][index];
           corner_value[corner] = head_value + row_offset;
           corner_grad[corner] = head_grad_value + row_offset;
           sample.weight[corner] = setup.weight[corner][index];
@@ -441,7 +483,14 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
               AccVector::store(grad_row, AccVector::load(grad_row) + corner_weight[corner] * g);
             }
           }
-          for (int corner = 0; corner < 4; ++corner) corner_dot[corner] = horizontal_sum<vec_t, kLanes>(dots[corner]);
+          if constexpr (kLanes == 8 && std::is_same_v<acc_t, float>) {
+            const vec_t sums = horizontal_sums_of_four(dots[0], dots[1], dots[2], dots[3]);
+            for (int corner = 0; corner < 4; ++corner) corner_dot[corner] = sums[corner];
+          } else {
+            for (int corner = 0; corner < 4; ++corner) {
+              corner_dot[corner] = horizontal_sum<vec_t, kLanes>(dots[corner]);
+            }
+          }
           done = true;
         }
 #endif
@@ -579,8 +628,9 @@ Problem make_problem(const at::Tensor& value, const at::Tensor& sampling_locatio
 // back as (B, S, h, D): the kernels point corners outside the map at row S (weight 0) instead of branching.
 at::Tensor head_major_with_zero_row(const at::Tensor& value) {
   const int64_t num_values = value.size(1);
-  TORCH_CHECK(num_values < std::numeric_limits<int32_t>::max(), "ms_deform_attn (CPU): ", num_values,
-              " value positions do not fit the kernel's 32-bit row indices; use fewer or smaller levels");
+  TORCH_CHECK((num_values + 1) * value.size(3) < std::numeric_limits<int32_t>::max(), "ms_deform_attn (CPU): ",
+              num_values, " value positions x ", value.size(3),
+              " channels do not fit the kernel's 32-bit offsets; use fewer or smaller levels");
   auto padded = at::empty({value.size(0), value.size(2), num_values + 1, value.size(3)}, value.options());
   padded.narrow(2, 0, num_values).copy_(value.transpose(1, 2));
   padded.select(2, num_values).zero_();
