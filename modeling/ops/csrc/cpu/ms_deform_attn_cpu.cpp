@@ -365,6 +365,18 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
         // otherwise bounds the sweep by the FMA latency.
         vec_t upper[kVectors], lower[kVectors];
         for (int block = 0; block < kVectors; ++block) upper[block] = lower[block] = vec_t{};
+        // The next query's corner rows, requested now so that their L2 latency overlaps this query's sweep.
+        if (query + 1 < last_query) {
+          for (int64_t index = first_index + samples_per_head; index < first_index + 2 * samples_per_head; ++index) {
+            const scalar_t* top = head_value + setup.row[0][index];
+            const scalar_t* bottom = head_value + setup.row[2][index];
+            MSDA_UNROLL
+            for (int64_t byte = 0; byte < static_cast<int64_t>(2 * kHeadDim * sizeof(scalar_t)); byte += 64) {
+              __builtin_prefetch(reinterpret_cast<const char*>(top) + byte);
+              __builtin_prefetch(reinterpret_cast<const char*>(bottom) + byte);
+            }
+          }
+        }
         for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
           const vec_t weight0 = vec_t{} + setup.weight[0][index];
           const vec_t weight1 = vec_t{} + setup.weight[1][index];
@@ -446,6 +458,23 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
         grad[channel] = static_cast<acc_t>(grad_output_row[channel]);
       }
       const int64_t first_index = (query - first_query) * samples_per_head;
+      // The next query's value and grad_value rows, requested now so that their latency overlaps this query.
+      if (kHeadDim > 0 && query + 1 < last_query) {
+        for (int64_t index = first_index + samples_per_head; index < first_index + 2 * samples_per_head; ++index) {
+          const int64_t top = setup.row[0][index];
+          const int64_t bottom = setup.row[2][index];
+          MSDA_UNROLL
+          for (int64_t byte = 0; byte < static_cast<int64_t>(2 * kHeadDim * sizeof(scalar_t)); byte += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(head_value + top) + byte);
+            __builtin_prefetch(reinterpret_cast<const char*>(head_value + bottom) + byte);
+          }
+          MSDA_UNROLL
+          for (int64_t byte = 0; byte < static_cast<int64_t>(2 * kHeadDim * sizeof(acc_t)); byte += 64) {
+            __builtin_prefetch(reinterpret_cast<const char*>(head_grad_value + top) + byte, 1);
+            __builtin_prefetch(reinterpret_cast<const char*>(head_grad_value + bottom) + byte, 1);
+          }
+        }
+      }
       for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
         // Gradients of samples with no corner inside the map stay at their zero initialisation.
         if (!setup.inside[index]) continue;
