@@ -340,6 +340,10 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
   const LevelTable<acc_t> table(problem, kQueryBlock);
   SampleSetup<acc_t> setup(kQueryBlock * samples_per_head);
   std::vector<acc_t> scalar_accumulator(kHeadDim > 0 ? 0 : head_dim);
+  // The block's locations and attention weights, gathered from the (B, Q, h, L, P[, 2]) inputs into one contiguous
+  // run: cheaper than a head-major copy of the whole tensors.
+  std::vector<scalar_t> block_locations(2 * kQueryBlock * samples_per_head);
+  std::vector<scalar_t> block_attention(kQueryBlock * samples_per_head);
 
   const int64_t num_blocks = (problem.num_queries + kQueryBlock - 1) / kQueryBlock;
   for (int64_t block_item = begin; block_item < end; ++block_item) {
@@ -349,9 +353,15 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
     const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
                                        first_query * problem.sample_query_stride + head * problem.sample_head_stride;
-    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head,
-                                   sampling_locations + 2 * block_first_sample, attention_weights + block_first_sample,
-                                   table, zero_row, row_stride, setup);
+    for (int64_t query = first_query; query < last_query; ++query) {
+      const int64_t source = block_first_sample + (query - first_query) * problem.sample_query_stride;
+      const int64_t target = (query - first_query) * samples_per_head;
+      std::memcpy(block_locations.data() + 2 * target, sampling_locations + 2 * source,
+                  2 * samples_per_head * sizeof(scalar_t));
+      std::memcpy(block_attention.data() + target, attention_weights + source, samples_per_head * sizeof(scalar_t));
+    }
+    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
+                                   block_attention.data(), table, zero_row, row_stride, setup);
     const scalar_t* head_value = value + batch_index * problem.value_batch_stride + head * problem.value_head_stride;
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t first_index = (query - first_query) * samples_per_head;
@@ -426,7 +436,7 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
 template <typename scalar_t, int kHeadDim>
 MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* value,
                                       const scalar_t* sampling_locations, const scalar_t* attention_weights,
-                                      const scalar_t* grad_output, typename AccType<scalar_t>::type* grad_value,
+                                      const scalar_t* grad_output, scalar_t* grad_value,
                                       scalar_t* grad_sampling_locations, scalar_t* grad_attention_weights,
                                       int64_t task) {
   using acc_t = typename AccType<scalar_t>::type;
@@ -438,19 +448,28 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   const int64_t batch_index = task / problem.num_heads;
   const int64_t head_offset = batch_index * problem.value_batch_stride + head * problem.value_head_stride;
   const scalar_t* head_value = value + head_offset;
-  acc_t* head_grad_value = grad_value + head_offset;
+  // The task's value gradient accumulates in a local (S + 1, D) tile with the value copy's row offsets (the extra
+  // row takes the weight-0 updates of outside corners), then goes to grad_value[b, :, head, :] once at the end.
+  TORCH_INTERNAL_ASSERT(row_stride == head_dim);
+  std::vector<acc_t> grad_value_tile((problem.num_values + 1) * head_dim, acc_t(0));
+  acc_t* head_grad_value = grad_value_tile.data();
   const int64_t zero_row = problem.num_values;
   const LevelTable<acc_t> table(problem, kQueryBlock);
   SampleSetup<acc_t> setup(kQueryBlock * samples_per_head);
   std::vector<acc_t> grad(head_dim);
+  std::vector<scalar_t> block_locations(2 * kQueryBlock * samples_per_head);
 
   for (int64_t first_query = 0; first_query < problem.num_queries; first_query += kQueryBlock) {
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
     const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
                                        first_query * problem.sample_query_stride + head * problem.sample_head_stride;
-    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head,
-                                   sampling_locations + 2 * block_first_sample, static_cast<const scalar_t*>(nullptr),
-                                   table, zero_row, row_stride, setup);
+    for (int64_t query = first_query; query < last_query; ++query) {
+      std::memcpy(block_locations.data() + 2 * (query - first_query) * samples_per_head,
+                  sampling_locations + 2 * (block_first_sample + (query - first_query) * problem.sample_query_stride),
+                  2 * samples_per_head * sizeof(scalar_t));
+    }
+    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
+                                   static_cast<const scalar_t*>(nullptr), table, zero_row, row_stride, setup);
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t batch_query = batch_index * problem.num_queries + query;
       const scalar_t* grad_output_row = grad_output + batch_query * output_row_stride + head * head_dim;
@@ -475,10 +494,16 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
           }
         }
       }
+      const int64_t query_first_sample = block_first_sample + (query - first_query) * problem.sample_query_stride;
       for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
-        // Gradients of samples with no corner inside the map stay at their zero initialisation.
-        if (!setup.inside[index]) continue;
-        const int64_t sample_index = block_first_sample + index;
+        const int64_t sample_index = query_first_sample + (index - first_index);
+        // Samples with no corner inside the map have zero gradients.
+        if (!setup.inside[index]) {
+          grad_attention_weights[sample_index] = scalar_t(0);
+          grad_sampling_locations[2 * sample_index] = scalar_t(0);
+          grad_sampling_locations[2 * sample_index + 1] = scalar_t(0);
+          continue;
+        }
         const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
         const scalar_t* corner_value[4];
         acc_t* corner_grad[4];
@@ -559,6 +584,13 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
       }
     }
   }
+  // (S, D) tile -> grad_value[b, :, head, :] of the dense (B, S, h, D) result, in its dtype.
+  scalar_t* output_rows = grad_value + (batch_index * problem.num_values * problem.num_heads + head) * head_dim;
+  for (int64_t position = 0; position < problem.num_values; ++position) {
+    const acc_t* tile_row = head_grad_value + position * head_dim;
+    scalar_t* output_row = output_rows + position * problem.num_heads * head_dim;
+    for (int64_t channel = 0; channel < head_dim; ++channel) output_row[channel] = scalar_t(tile_row[channel]);
+  }
 }
 
 // Head-dim specialisations; anything else runs the runtime-size loop.
@@ -590,7 +622,7 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   MSDA_CPU_CLONES void backward_task_##suffix(                                                                       \
       const Problem& problem, const scalar_type* value, const scalar_type* sampling_locations,                       \
       const scalar_type* attention_weights, const scalar_type* grad_output,                                          \
-      typename AccType<scalar_type>::type* grad_value, scalar_type* grad_sampling_locations,                         \
+      scalar_type* grad_value, scalar_type* grad_sampling_locations,                         \
       scalar_type* grad_attention_weights, int64_t task) {                                                           \
     using scalar_t = scalar_type;                                                                                    \
     MSDA_DISPATCH_HEAD_DIM(problem.head_dim, backward_task, problem, value, sampling_locations, attention_weights,   \
@@ -622,7 +654,7 @@ inline void backward_task_any(const Problem& p, const double* v, const double* l
   backward_task_double(p, v, l, a, g, gv, gl, ga, t);
 }
 inline void backward_task_any(const Problem& p, const c10::BFloat16* v, const c10::BFloat16* l,
-                              const c10::BFloat16* a, const c10::BFloat16* g, float* gv, c10::BFloat16* gl,
+                              const c10::BFloat16* a, const c10::BFloat16* g, c10::BFloat16* gv, c10::BFloat16* gl,
                               c10::BFloat16* ga, int64_t t) {
   backward_task_bfloat16(p, v, l, a, g, gv, gl, ga, t);
 }
@@ -641,11 +673,12 @@ Problem make_problem(const at::Tensor& value, const at::Tensor& sampling_locatio
   problem.value_row_stride = value.stride(1);
   problem.value_head_stride = value.stride(2);
   const int64_t samples_per_head = problem.num_levels * problem.num_points;
-  problem.sample_batch_stride = sampling_locations.stride(0) / 2;
-  problem.sample_query_stride = sampling_locations.stride(1) / 2;
-  problem.sample_head_stride = sampling_locations.stride(2) / 2;
-  // The kernels read a block of queries' samples of one head as one contiguous run (head-major copies).
-  TORCH_INTERNAL_ASSERT(problem.sample_query_stride == samples_per_head);
+  // Dense (B, Q, h, L, P[, 2]) inputs (contiguous() callers); strides from the sizes, since contiguous() may keep
+  // any stride on a size-1 dimension. The kernels gather a block's runs of L * P samples.
+  TORCH_INTERNAL_ASSERT(sampling_locations.is_contiguous());
+  problem.sample_head_stride = samples_per_head;
+  problem.sample_query_stride = problem.num_heads * samples_per_head;
+  problem.sample_batch_stride = problem.num_queries * problem.sample_query_stride;
   problem.spatial_shapes = spatial_shapes.data_ptr<int64_t>();
   level_start.resize(problem.num_levels);
   level_start_rows(problem.spatial_shapes, problem.num_levels, level_start.data());
@@ -666,16 +699,6 @@ at::Tensor head_major_with_zero_row(const at::Tensor& value) {
   return padded.narrow(2, 0, num_values).transpose(1, 2);
 }
 
-// (B, Q, h, ...) -> dense (B, h, Q, ...) viewed back as (B, Q, h, ...). Always allocates, so the strides are exactly
-// those of the dense head-major layout also where a size-1 dimension would let contiguous() return a view.
-at::Tensor head_major(const at::Tensor& tensor) {
-  auto sizes = tensor.sizes().vec();
-  std::swap(sizes[1], sizes[2]);
-  auto dense = at::empty(sizes, tensor.options());
-  dense.copy_(tensor.transpose(1, 2));
-  return dense.transpose(1, 2);
-}
-
 void check_cpu_dtype(const at::Tensor& value) {
   const auto dtype = value.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16,
@@ -693,8 +716,8 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
   // cost one pass over the inputs and save far more in cache misses.
   const auto value = head_major_with_zero_row(value_in);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
-  const auto sampling_locations = head_major(sampling_locations_in);
-  const auto attention_weights = head_major(attention_weights_in);
+  const auto sampling_locations = sampling_locations_in.contiguous();
+  const auto attention_weights = attention_weights_in.contiguous();
   std::vector<int64_t> level_start;
   const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
   // (B, Q, h * D)
@@ -718,40 +741,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
   check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in, &grad_output_in);
   check_cpu_dtype(value_in);
-  // Head-major copies as in the forward: each (batch, head) task reads its locations contiguously.
+  // Head-major value copy as in the forward; locations and weights are read in place (each block gathers its runs).
   const auto value = head_major_with_zero_row(value_in);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
-  const auto sampling_locations = head_major(sampling_locations_in);
-  const auto attention_weights = head_major(attention_weights_in);
+  const auto sampling_locations = sampling_locations_in.contiguous();
+  const auto attention_weights = attention_weights_in.contiguous();
   const auto grad_output = grad_output_in.contiguous();
   std::vector<int64_t> level_start;
   const Problem problem = make_problem(value, sampling_locations, spatial_shapes, level_start);
-  const bool reduced_precision = value.scalar_type() == at::kBFloat16;
-  // bf16 gradients of value are summed over many queries: accumulate them in fp32.
-  // The gradient buffers have the head-major layouts of their inputs: the kernel indexes them with the same strides.
-  auto head_major_zeros = [](const at::Tensor& like, at::ScalarType dtype) {
-    return at::zeros_like(like, like.options().dtype(dtype), at::MemoryFormat::Preserve);
-  };
-  // (B, h, S + 1, D) viewed as (B, S, h, D): value's strides; the extra row takes the weight-0 updates of corners
-  // outside the map.
-  auto grad_value_acc = at::zeros({problem.batch, problem.num_heads, problem.num_values + 1, problem.head_dim},
-                                  value.options().dtype(reduced_precision ? at::kFloat : value.scalar_type()))
-                            .narrow(2, 0, problem.num_values)
-                            .transpose(1, 2);
-  auto grad_sampling_locations = head_major_zeros(sampling_locations, sampling_locations.scalar_type());
-  auto grad_attention_weights = head_major_zeros(attention_weights, attention_weights.scalar_type());
-  TORCH_INTERNAL_ASSERT(grad_value_acc.strides() == value.strides() &&
-                        grad_sampling_locations.strides() == sampling_locations.strides() &&
-                        grad_attention_weights.strides() == attention_weights.strides());
   const int64_t num_tasks = problem.batch * problem.num_heads;
-  if (value.numel() > 0 && attention_weights.numel() > 0) {
+  const bool has_work = value.numel() > 0 && attention_weights.numel() > 0;
+  // Every task writes all of its (b, head) slice of the three results (zeros included), so no zero fill is needed.
+  auto allocate = [&](const at::Tensor& like) {
+    return has_work ? at::empty(like.sizes(), like.options()) : at::zeros(like.sizes(), like.options());
+  };
+  // (B, S, h, D), (B, Q, h, L, P, 2), (B, Q, h, L, P)
+  auto grad_value = allocate(value_in);
+  auto grad_sampling_locations = allocate(sampling_locations);
+  auto grad_attention_weights = allocate(attention_weights);
+  if (has_work) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, value.scalar_type(), "ms_deform_attn_backward_cpu", [&] {
-      using acc_t = typename AccType<scalar_t>::type;
       const scalar_t* value_data = value.data_ptr<scalar_t>();
       const scalar_t* location_data = sampling_locations.data_ptr<scalar_t>();
       const scalar_t* weight_data = attention_weights.data_ptr<scalar_t>();
       const scalar_t* grad_output_data = grad_output.data_ptr<scalar_t>();
-      acc_t* grad_value_data = grad_value_acc.data_ptr<acc_t>();
+      scalar_t* grad_value_data = grad_value.data_ptr<scalar_t>();
       scalar_t* grad_location_data = grad_sampling_locations.data_ptr<scalar_t>();
       scalar_t* grad_weight_data = grad_attention_weights.data_ptr<scalar_t>();
       at::parallel_for(0, num_tasks, 1, [&](int64_t begin, int64_t end) {
@@ -762,9 +776,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       });
     });
   }
-  // Back to the (B, S, h, D) layout (and dtype) of the input, as the fake kernel promises.
-  auto grad_value = grad_value_acc.contiguous().to(value.scalar_type());
-  return {grad_value, grad_sampling_locations.contiguous(), grad_attention_weights.contiguous()};
+  return {grad_value, grad_sampling_locations, grad_attention_weights};
 }
 
 }  // namespace
