@@ -456,26 +456,35 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   const int64_t zero_row = problem.num_values;
   const LevelTable<acc_t> table(problem, kQueryBlock);
   SampleSetup<acc_t> setup(kQueryBlock * samples_per_head);
-  std::vector<acc_t> grad(head_dim);
+  // A block's inputs gathered from, and its location/weight gradients scattered to, the (B, Q, h, ...) tensors in
+  // whole runs: the per-sample strided accesses would each miss the cache.
   std::vector<scalar_t> block_locations(2 * kQueryBlock * samples_per_head);
+  std::vector<scalar_t> block_attention(kQueryBlock * samples_per_head);
+  std::vector<scalar_t> block_grad_locations(2 * kQueryBlock * samples_per_head);
+  std::vector<scalar_t> block_grad_attention(kQueryBlock * samples_per_head);
+  std::vector<acc_t> block_grad_output(kQueryBlock * head_dim);
 
   for (int64_t first_query = 0; first_query < problem.num_queries; first_query += kQueryBlock) {
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
     const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
                                        first_query * problem.sample_query_stride + head * problem.sample_head_stride;
     for (int64_t query = first_query; query < last_query; ++query) {
-      std::memcpy(block_locations.data() + 2 * (query - first_query) * samples_per_head,
-                  sampling_locations + 2 * (block_first_sample + (query - first_query) * problem.sample_query_stride),
+      const int64_t source = block_first_sample + (query - first_query) * problem.sample_query_stride;
+      const int64_t target = (query - first_query) * samples_per_head;
+      std::memcpy(block_locations.data() + 2 * target, sampling_locations + 2 * source,
                   2 * samples_per_head * sizeof(scalar_t));
+      std::memcpy(block_attention.data() + target, attention_weights + source, samples_per_head * sizeof(scalar_t));
+      const scalar_t* grad_output_row =
+          grad_output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
+      acc_t* grad_row = block_grad_output.data() + (query - first_query) * head_dim;
+      for (int64_t channel = 0; channel < head_dim; ++channel) {
+        grad_row[channel] = static_cast<acc_t>(grad_output_row[channel]);
+      }
     }
     setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
                                    static_cast<const scalar_t*>(nullptr), table, zero_row, row_stride, setup);
     for (int64_t query = first_query; query < last_query; ++query) {
-      const int64_t batch_query = batch_index * problem.num_queries + query;
-      const scalar_t* grad_output_row = grad_output + batch_query * output_row_stride + head * head_dim;
-      for (int64_t channel = 0; channel < head_dim; ++channel) {
-        grad[channel] = static_cast<acc_t>(grad_output_row[channel]);
-      }
+      const acc_t* grad = block_grad_output.data() + (query - first_query) * head_dim;
       const int64_t first_index = (query - first_query) * samples_per_head;
       // The next query's value and grad_value rows, requested now so that their latency overlaps this query.
       if (kHeadDim > 0 && query + 1 < last_query) {
@@ -494,17 +503,16 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
           }
         }
       }
-      const int64_t query_first_sample = block_first_sample + (query - first_query) * problem.sample_query_stride;
       for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
-        const int64_t sample_index = query_first_sample + (index - first_index);
+        const int64_t sample_index = index;  // in the block buffers
         // Samples with no corner inside the map have zero gradients.
         if (!setup.inside[index]) {
-          grad_attention_weights[sample_index] = scalar_t(0);
-          grad_sampling_locations[2 * sample_index] = scalar_t(0);
-          grad_sampling_locations[2 * sample_index + 1] = scalar_t(0);
+          block_grad_attention[sample_index] = scalar_t(0);
+          block_grad_locations[2 * sample_index] = scalar_t(0);
+          block_grad_locations[2 * sample_index + 1] = scalar_t(0);
           continue;
         }
-        const acc_t attention = static_cast<acc_t>(attention_weights[sample_index]);
+        const acc_t attention = static_cast<acc_t>(block_attention[sample_index]);
         const scalar_t* corner_value[4];
         acc_t* corner_grad[4];
         acc_t corner_weight[4];
@@ -530,7 +538,7 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
           vec_t dots[4] = {vec_t{}, vec_t{}, vec_t{}, vec_t{}};
           MSDA_UNROLL
           for (int block = 0; block < kVectors; ++block) {
-            const vec_t g = AccVector::load(grad.data() + block * kLanes);
+            const vec_t g = AccVector::load(grad + block * kLanes);
             for (int corner = 0; corner < 4; ++corner) {
               dots[corner] += g * Vector::load(corner_value[corner] + block * kLanes);
               acc_t* grad_row = corner_grad[corner] + block * kLanes;
@@ -578,10 +586,18 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
         acc_t d_sample, d_loc_x, d_loc_y;
         sample_gradient<acc_t>(sample, corner_dot, table.height[index], table.width[index], d_sample, d_loc_x,
                                d_loc_y);
-        grad_attention_weights[sample_index] = scalar_t(d_sample);
-        grad_sampling_locations[2 * sample_index] = scalar_t(attention * d_loc_x);
-        grad_sampling_locations[2 * sample_index + 1] = scalar_t(attention * d_loc_y);
+        block_grad_attention[sample_index] = scalar_t(d_sample);
+        block_grad_locations[2 * sample_index] = scalar_t(attention * d_loc_x);
+        block_grad_locations[2 * sample_index + 1] = scalar_t(attention * d_loc_y);
       }
+    }
+    for (int64_t query = first_query; query < last_query; ++query) {
+      const int64_t target = block_first_sample + (query - first_query) * problem.sample_query_stride;
+      const int64_t source = (query - first_query) * samples_per_head;
+      std::memcpy(grad_sampling_locations + 2 * target, block_grad_locations.data() + 2 * source,
+                  2 * samples_per_head * sizeof(scalar_t));
+      std::memcpy(grad_attention_weights + target, block_grad_attention.data() + source,
+                  samples_per_head * sizeof(scalar_t));
     }
   }
   // (S, D) tile -> grad_value[b, :, head, :] of the dense (B, S, h, D) result, in its dtype.
