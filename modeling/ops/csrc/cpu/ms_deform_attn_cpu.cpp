@@ -2,7 +2,7 @@
 //
 // Forward: parallel over (batch, head, block of queries) items; backward: parallel over (batch, head) tasks. Both
 // first compute the corner rows and bilinear weights of a block of samples in one vectorised pass, then sweep the
-// channels without branches (corners outside the map read a zero row appended to the head-major value copy).
+// channels without branches (corners outside the map read a zero row appended to the per-head value copy).
 // Each backward task owns grad_value[b, :, head, :] and the location/weight gradients of (b, head), and walks the
 // queries in order, so there are no atomics and the result is bitwise identical for any thread count.
 // No -march flags: the hot loops are compiled per instruction set with `target_clones` and the loader picks the
@@ -322,6 +322,29 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
   }
 }
 
+// Copies value[b, :, head, :] of the dense (B, S, h, D) input into `rows` as S contiguous rows plus one zero row
+// (row S): the kernels point corners outside the map at it (weight 0) instead of branching. `rows` is a per-thread
+// buffer reused across calls (no allocation or page faults), and the copy leaves the head's rows warm in cache.
+// kHeadDim > 0: head_dim is that compile-time size, so each row copy is a few inline vector moves, not a libc call.
+template <typename scalar_t, int kHeadDim>
+MSDA_ALWAYS_INLINE const scalar_t* copy_head_rows(const Problem& problem, const scalar_t* value, int64_t batch_index,
+                                                  int64_t head, int64_t head_dim, std::vector<scalar_t>& rows) {
+  rows.resize((problem.num_values + 1) * head_dim);
+  const scalar_t* source = value + batch_index * problem.value_batch_stride + head * problem.value_head_stride;
+  scalar_t* target = rows.data();
+  for (int64_t position = 0; position < problem.num_values; ++position) {
+    if constexpr (kHeadDim > 0) {
+      std::memcpy(target + position * kHeadDim, source + position * problem.value_row_stride,
+                  kHeadDim * sizeof(scalar_t));
+    } else {
+      std::memcpy(target + position * head_dim, source + position * problem.value_row_stride,
+                  head_dim * sizeof(scalar_t));
+    }
+  }
+  std::memset(static_cast<void*>(rows.data() + problem.num_values * head_dim), 0, head_dim * sizeof(scalar_t));
+  return rows.data();
+}
+
 // Work items [begin, end) of the flattened (batch, head, query block) axis. A block's locations and weights are
 // contiguous (head-major copies) and one head's neighbourhood of value rows stays in L2.
 // Two phases per block: the vectorised per-sample setup of all its samples (setup_samples), then per query one
@@ -333,8 +356,11 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
                                      const scalar_t* attention_weights, scalar_t* output, int64_t begin, int64_t end) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
-  const int64_t row_stride = problem.value_row_stride;  // elements between value rows s and s + 1
+  const int64_t row_stride = head_dim;  // elements between rows s and s + 1 of the per-head copy
   const int64_t output_row_stride = problem.num_heads * head_dim;
+  thread_local std::vector<scalar_t> head_rows;
+  const scalar_t* head_value = nullptr;
+  int64_t copied_task = -1;
   const int64_t samples_per_head = problem.num_levels * problem.num_points;
   const int64_t zero_row = problem.num_values;
   const LevelTable<acc_t> table(problem, kQueryBlock);
@@ -362,7 +388,10 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
     }
     setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
                                    block_attention.data(), table, zero_row, row_stride, setup);
-    const scalar_t* head_value = value + batch_index * problem.value_batch_stride + head * problem.value_head_stride;
+    if (batch_index * problem.num_heads + head != copied_task) {
+      copied_task = batch_index * problem.num_heads + head;
+      head_value = copy_head_rows<scalar_t, kHeadDim>(problem, value, batch_index, head, head_dim, head_rows);
+    }
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t first_index = (query - first_query) * samples_per_head;
       scalar_t* output_row = output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
@@ -441,18 +470,25 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
                                       int64_t task) {
   using acc_t = typename AccType<scalar_t>::type;
   const int64_t head_dim = kHeadDim > 0 ? kHeadDim : problem.head_dim;
-  const int64_t row_stride = problem.value_row_stride;
+  const int64_t row_stride = head_dim;  // elements between rows s and s + 1 of the per-head copy
   const int64_t output_row_stride = problem.num_heads * head_dim;
   const int64_t samples_per_head = problem.num_levels * problem.num_points;
   const int64_t head = task % problem.num_heads;
   const int64_t batch_index = task / problem.num_heads;
-  const int64_t head_offset = batch_index * problem.value_batch_stride + head * problem.value_head_stride;
-  const scalar_t* head_value = value + head_offset;
+  thread_local std::vector<scalar_t> head_rows;
+  const scalar_t* head_value = copy_head_rows<scalar_t, kHeadDim>(problem, value, batch_index, head, head_dim, head_rows);
   // The task's value gradient accumulates in a local (S + 1, D) tile with the value copy's row offsets (the extra
   // row takes the weight-0 updates of outside corners), then goes to grad_value[b, :, head, :] once at the end.
-  TORCH_INTERNAL_ASSERT(row_stride == head_dim);
-  std::vector<acc_t> grad_value_tile((problem.num_values + 1) * head_dim, acc_t(0));
-  acc_t* head_grad_value = grad_value_tile.data();
+  // The tile starts 1536 bytes (mod 4096) after the value rows: equal buffers from malloc would otherwise sit at
+  // the same page offsets, and every grad row store would falsely alias (4K aliasing) the next loads of the same
+  // row's values; 1536 keeps the corner rows' offsets (0, 1, W, W + 1 rows apart) clear of each other.
+  thread_local std::vector<acc_t> grad_value_tile;
+  const int64_t tile_size = (problem.num_values + 1) * head_dim;
+  grad_value_tile.resize(tile_size + 4096 / sizeof(acc_t));
+  const uintptr_t wanted_offset = (reinterpret_cast<uintptr_t>(head_value) + 1536) % 4096;
+  const uintptr_t shift_bytes = (wanted_offset + 4096 - reinterpret_cast<uintptr_t>(grad_value_tile.data()) % 4096) % 4096;
+  acc_t* head_grad_value = grad_value_tile.data() + shift_bytes / sizeof(acc_t);
+  std::fill(head_grad_value, head_grad_value + tile_size, acc_t(0));
   const int64_t zero_row = problem.num_values;
   const LevelTable<acc_t> table(problem, kQueryBlock);
   SampleSetup<acc_t> setup(kQueryBlock * samples_per_head);
@@ -702,17 +738,14 @@ Problem make_problem(const at::Tensor& value, const at::Tensor& sampling_locatio
   return problem;
 }
 
-// Head-major copy of value (B, S, h, D) with one zero row appended to every (batch, head), (B, h, S + 1, D), viewed
-// back as (B, S, h, D): the kernels point corners outside the map at row S (weight 0) instead of branching.
-at::Tensor head_major_with_zero_row(const at::Tensor& value) {
+// Dense (B, S, h, D) value; the kernels copy one (batch, head) at a time, with a zero row appended, and index it
+// with 32-bit offsets.
+at::Tensor dense_value(const at::Tensor& value) {
   const int64_t num_values = value.size(1);
   TORCH_CHECK((num_values + 1) * value.size(3) < std::numeric_limits<int32_t>::max(), "ms_deform_attn (CPU): ",
               num_values, " value positions x ", value.size(3),
               " channels do not fit the kernel's 32-bit offsets; use fewer or smaller levels");
-  auto padded = at::empty({value.size(0), value.size(2), num_values + 1, value.size(3)}, value.options());
-  padded.narrow(2, 0, num_values).copy_(value.transpose(1, 2));
-  padded.select(2, num_values).zero_();
-  return padded.narrow(2, 0, num_values).transpose(1, 2);
+  return value.contiguous();
 }
 
 void check_cpu_dtype(const at::Tensor& value) {
@@ -727,10 +760,9 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value_in, const at::Tens
                                       const at::Tensor& attention_weights_in) {
   check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in);
   check_cpu_dtype(value_in);
-  // Head-major copies, (B, h, S, D) and (B, h, Q, L, P[, 2]), viewed back in the input shapes: the kernel then
-  // sweeps one head's queries over contiguous locations and a compact value window that stays in L2. The copies
-  // cost one pass over the inputs and save far more in cache misses.
-  const auto value = head_major_with_zero_row(value_in);
+  // Each thread copies the (batch, head) value rows it works on into a reused per-thread buffer (compact window,
+  // no large allocation) and gathers each query block's locations and weights into small local buffers.
+  const auto value = dense_value(value_in);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
   const auto sampling_locations = sampling_locations_in.contiguous();
   const auto attention_weights = attention_weights_in.contiguous();
@@ -757,8 +789,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& attention_weights_in, const at::Tensor& grad_output_in) {
   check_inputs(value_in, spatial_shapes_in, sampling_locations_in, attention_weights_in, &grad_output_in);
   check_cpu_dtype(value_in);
-  // Head-major value copy as in the forward; locations and weights are read in place (each block gathers its runs).
-  const auto value = head_major_with_zero_row(value_in);
+  // Per-(batch, head) value copies and per-block gathers as in the forward.
+  const auto value = dense_value(value_in);
   const auto spatial_shapes = spatial_shapes_in.contiguous();
   const auto sampling_locations = sampling_locations_in.contiguous();
   const auto attention_weights = attention_weights_in.contiguous();
