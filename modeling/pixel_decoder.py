@@ -100,8 +100,9 @@ class Mask2FormerMultiscaleDeformableAttention(nn.Module):
             ],
             3,
         )
-        # (B, S, 1, L, 1, 2) + (B, S, heads, L, P, 2)
-        sampling_locations = reference_points[:, :, None, :, None, :] + offsets
+        # (B, S, 1, L, 1, 2) + (B, S, heads, L, P, 2). Locations in [0, 1] lose whole pixels in fp16/bf16 (8 bits of
+        # mantissa over a 128-wide map), so under mixed precision they stay fp32 and the op then runs in fp32.
+        sampling_locations = reference_points[:, :, None, :, None, :].float() + offsets.float()
 
         output = multi_scale_deformable_attention(value, spatial_shapes, sampling_locations, weights)  # (B, S, C)
         return self.output_proj(output), weights

@@ -450,3 +450,26 @@ def test_real_images_through_the_processor_alone_and_batched(coco_sample_root):
             assert_close_relative(
                 batched.masks_queries_logits[index, :, :height, :width], alone.masks_queries_logits[0], f"mask {index}"
             )
+
+
+def test_deformable_attention_gets_fp32_locations_under_mixed_precision(monkeypatch):
+    """Under bf16 autocast the sampling locations stay fp32 (bf16 loses whole pixels over a map), so the op runs in
+    fp32 while the projections around it run in bf16."""
+    from pathlib import Path
+
+    import mask2former.modeling.pixel_decoder as pixel_decoder
+
+    config_dir = Path(__file__).resolve().parents[2] / "hub_configs" / "tiny-resnet-coco-panoptic"
+    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(str(config_dir))).eval()
+    seen = []
+    original = pixel_decoder.multi_scale_deformable_attention
+
+    def spy(value, spatial_shapes, sampling_locations, attention_weights):
+        seen.append((value.dtype, sampling_locations.dtype))
+        return original(value, spatial_shapes, sampling_locations, attention_weights)
+
+    monkeypatch.setattr(pixel_decoder, "multi_scale_deformable_attention", spy)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outputs = model(torch.randn(1, 3, 64, 64))
+    assert seen and all(value == torch.bfloat16 and locations == torch.float32 for value, locations in seen), seen
+    assert torch.isfinite(outputs.masks_queries_logits).all()
