@@ -46,6 +46,49 @@ MSDA_HOST_DEVICE MSDA_INLINE acc_t floor_value(acc_t v) {
 #endif
 }
 
+// The building blocks below are templates over `T`, one value or a vector of values (GCC/Clang vector extensions,
+// which give vectors the arithmetic and comparison operators of their element type `E`): the CUDA kernels call them
+// per sample, the CPU kernels on 8 (fp32) or 4 (fp64) samples at once, so both run the same arithmetic.
+
+// Pixel coordinate of a location normalised to [0, 1] over a map of `size` pixels (align_corners=False).
+template <typename T, typename E = T>
+MSDA_HOST_DEVICE MSDA_INLINE T pixel_coordinate(T location, T size) {
+  return location * size - static_cast<E>(0.5);
+}
+
+// Whether some bilinear neighbour of pixel coordinate (x, y) lies inside a width x height map: -1 <= x < width and
+// -1 <= y < height. At x == -1 the right neighbour (column 0) has weight 0 but still carries a location gradient,
+// as in grid_sample. False for NaN. For vectors: a lane mask (all bits set where true).
+template <typename T, typename E = T>
+MSDA_HOST_DEVICE MSDA_INLINE auto location_inside(T x, T y, T width, T height) {
+  return (x >= static_cast<E>(-1)) & (x < width) & (y >= static_cast<E>(-1)) & (y < height);
+}
+
+// Bilinear weights of the four corners from the fractional parts of the pixel coordinate.
+// Corner order: 0 = (y0, x0), 1 = (y0, x0 + 1), 2 = (y0 + 1, x0), 3 = (y0 + 1, x0 + 1).
+template <typename T, typename E = T>
+MSDA_HOST_DEVICE MSDA_INLINE void corner_weights(T frac_x, T frac_y, T weight[4]) {
+  const E one = static_cast<E>(1);
+  weight[0] = (one - frac_y) * (one - frac_x);
+  weight[1] = (one - frac_y) * frac_x;
+  weight[2] = frac_y * (one - frac_x);
+  weight[3] = frac_y * frac_x;
+}
+
+// Gradient of one bilinear sample from `corner_dot[c]` = <dL/d(sampled value), value at corner c> summed over
+// channels (0 for a corner outside the map) and `weight` = its corner weights (0 outside):
+//   d_sample = sum_c weight[c] * corner_dot[c]  (dL/d(attention weight), for an attention weight of 1),
+//   d_x, d_y = dL/d(pixel coordinate) for an attention weight of 1 (times W, H: dL/d(normalised location)).
+template <typename T, typename E = T>
+MSDA_HOST_DEVICE MSDA_INLINE void bilinear_gradient(const T weight[4], T frac_x, T frac_y, const T corner_dot[4],
+                                                    T& d_sample, T& d_x, T& d_y) {
+  const E one = static_cast<E>(1);
+  d_sample = weight[0] * corner_dot[0] + weight[1] * corner_dot[1] + weight[2] * corner_dot[2] +
+             weight[3] * corner_dot[3];
+  d_x = (one - frac_y) * (corner_dot[1] - corner_dot[0]) + frac_y * (corner_dot[3] - corner_dot[2]);
+  d_y = (one - frac_x) * (corner_dot[2] - corner_dot[0]) + frac_x * (corner_dot[3] - corner_dot[1]);
+}
+
 // The four bilinear neighbours of one sampling location on one level.
 // Corner order: 0 = (y0, x0), 1 = (y0, x0 + 1), 2 = (y0 + 1, x0), 3 = (y0 + 1, x0 + 1).
 template <typename acc_t>
@@ -63,14 +106,11 @@ struct BilinearSample {
 template <typename acc_t>
 MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_sample(
     acc_t loc_x, acc_t loc_y, int64_t height, int64_t width, BilinearSample<acc_t>& sample) {
-  const acc_t x = loc_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
-  const acc_t y = loc_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
-  // A corner is inside for -1 <= x < width: at x == -1 the right neighbour (column 0) has weight 0 but still
-  // carries a location gradient, as in grid_sample. The negated form also rejects NaN.
-  if (!(x >= static_cast<acc_t>(-1) && x < static_cast<acc_t>(width) && y >= static_cast<acc_t>(-1) &&
-        y < static_cast<acc_t>(height))) {
-    return false;
-  }
+  const acc_t width_f = static_cast<acc_t>(width);
+  const acc_t height_f = static_cast<acc_t>(height);
+  const acc_t x = pixel_coordinate<acc_t>(loc_x, width_f);
+  const acc_t y = pixel_coordinate<acc_t>(loc_y, height_f);
+  if (!location_inside<acc_t>(x, y, width_f, height_f)) return false;
   const acc_t x_floor = floor_value(x);
   const acc_t y_floor = floor_value(y);
   const int64_t x0 = static_cast<int64_t>(x_floor);
@@ -87,40 +127,15 @@ MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_sample(
   sample.valid[1] = y0_in && x1_in;
   sample.valid[2] = y1_in && x0_in;
   sample.valid[3] = y1_in && x1_in;
-  const acc_t one = static_cast<acc_t>(1);
-  sample.weight[0] = sample.valid[0] ? (one - fy) * (one - fx) : acc_t(0);
-  sample.weight[1] = sample.valid[1] ? (one - fy) * fx : acc_t(0);
-  sample.weight[2] = sample.valid[2] ? fy * (one - fx) : acc_t(0);
-  sample.weight[3] = sample.valid[3] ? fy * fx : acc_t(0);
+  corner_weights<acc_t>(fx, fy, sample.weight);
+MSDA_UNROLL
+  for (int corner = 0; corner < 4; ++corner) {
+    if (!sample.valid[corner]) sample.weight[corner] = acc_t(0);
+  }
   sample.offset[0] = y0 * width + x0;
   sample.offset[1] = sample.offset[0] + 1;
   sample.offset[2] = sample.offset[0] + width;
   sample.offset[3] = sample.offset[2] + 1;
-  return true;
-}
-
-// The common case in one test: all four corners inside the map. Fills the top-left corner's row index and the four
-// weights (same corner order and arithmetic as bilinear_sample, so both give identical results) and returns true;
-// returns false (leaving the outputs unspecified) when bilinear_sample must handle the point.
-template <typename acc_t>
-MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_sample_interior(acc_t loc_x, acc_t loc_y, int64_t height, int64_t width,
-                                                           int64_t& top_left, acc_t weight[4]) {
-  const acc_t x = loc_x * static_cast<acc_t>(width) - static_cast<acc_t>(0.5);
-  const acc_t y = loc_y * static_cast<acc_t>(height) - static_cast<acc_t>(0.5);
-  if (!(x >= acc_t(0) && y >= acc_t(0) && x < static_cast<acc_t>(width - 1) && y < static_cast<acc_t>(height - 1))) {
-    return false;
-  }
-  // Non-negative: truncation is floor.
-  const int64_t x0 = static_cast<int64_t>(x);
-  const int64_t y0 = static_cast<int64_t>(y);
-  const acc_t fx = x - static_cast<acc_t>(x0);
-  const acc_t fy = y - static_cast<acc_t>(y0);
-  const acc_t one = static_cast<acc_t>(1);
-  weight[0] = (one - fy) * (one - fx);
-  weight[1] = (one - fy) * fx;
-  weight[2] = fy * (one - fx);
-  weight[3] = fy * fx;
-  top_left = y0 * width + x0;
   return true;
 }
 
@@ -147,14 +162,9 @@ template <typename acc_t>
 MSDA_HOST_DEVICE MSDA_INLINE void sample_gradient(
     const BilinearSample<acc_t>& sample, const acc_t corner_dot[4], int64_t height, int64_t width,
     acc_t& d_sample, acc_t& d_loc_x, acc_t& d_loc_y) {
-  const acc_t one = static_cast<acc_t>(1);
-  const acc_t fx = sample.frac_x;
-  const acc_t fy = sample.frac_y;
-  d_sample = sample.weight[0] * corner_dot[0] + sample.weight[1] * corner_dot[1] + sample.weight[2] * corner_dot[2] +
-             sample.weight[3] * corner_dot[3];
-  // d(weights)/dx in pixel units, then the chain rule through x = loc_x * W - 0.5.
-  const acc_t d_x = (one - fy) * (corner_dot[1] - corner_dot[0]) + fy * (corner_dot[3] - corner_dot[2]);
-  const acc_t d_y = (one - fx) * (corner_dot[2] - corner_dot[0]) + fx * (corner_dot[3] - corner_dot[1]);
+  acc_t d_x, d_y;
+  bilinear_gradient<acc_t>(sample.weight, sample.frac_x, sample.frac_y, corner_dot, d_sample, d_x, d_y);
+  // The chain rule through x = loc_x * W - 0.5.
   d_loc_x = d_x * static_cast<acc_t>(width);
   d_loc_y = d_y * static_cast<acc_t>(height);
 }

@@ -3,6 +3,8 @@
 // Forward: parallel over (batch, head, block of queries) items; backward: parallel over (batch, head) tasks. Both
 // first compute the corner rows and bilinear weights of a block of samples in one vectorised pass, then sweep the
 // channels without branches (corners outside the map read a zero row appended to the per-head value copy).
+// The sampling math (pixel coordinates, inside test, corner weights, the gradient of a sample) is the shared
+// header's, called here on vectors of 8 (fp32) or 4 (fp64) samples and by the CUDA kernels on one sample.
 // Each backward task owns grad_value[b, :, head, :] and the location/weight gradients of (b, head), and walks the
 // queries in order, so there are no atomics and the result is bitwise identical for any thread count.
 // No -march flags: the hot loops are compiled per instruction set with `target_clones` and the loader picks the
@@ -145,19 +147,27 @@ MSDA_ALWAYS_INLINE auto horizontal_sum(vec_t vector) -> decltype(vector[0] + vec
   return sum;
 }
 
-// The lane sums of four 8-lane float vectors, in lanes 0-3 of the result: two rounds of pairwise adds across the
-// four vectors at once (a fixed order: deterministic), instead of four sequential 8-lane reductions.
 typedef float float8_t __attribute__((vector_size(32)));
-MSDA_ALWAYS_INLINE float8_t horizontal_sums_of_four(float8_t a, float8_t b, float8_t c, float8_t d) {
-  // [a0+a1, b0+b1, a2+a3, b2+b3, a4+a5, b4+b5, a6+a7, b6+b7]
-  const float8_t ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
-                      __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
-  const float8_t cd = __builtin_shufflevector(c, d, 0, 8, 2, 10, 4, 12, 6, 14) +
-                      __builtin_shufflevector(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
-  // [a0..3, b0..3, c0..3, d0..3, a4..7, b4..7, c4..7, d4..7] (each a sum of four lanes)
-  const float8_t quarter = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
-                           __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
-  return quarter + __builtin_shufflevector(quarter, quarter, 4, 5, 6, 7, 0, 1, 2, 3);
+
+// The lane sums of eight 8-lane float vectors, as the eight lanes of the result (lane k = sum of v[k]): three rounds
+// of pairwise adds across the vectors (a fixed order: deterministic), 21 operations for eight sums.
+MSDA_ALWAYS_INLINE float8_t lane_sums_of_eight(const float8_t v[8]) {
+  // [v0 01, v1 01, v0 23, v1 23 | v0 45, v1 45, v0 67, v1 67] (each a sum of two lanes), likewise for v2..v7
+  const float8_t v01 = __builtin_shufflevector(v[0], v[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+                       __builtin_shufflevector(v[0], v[1], 1, 9, 3, 11, 5, 13, 7, 15);
+  const float8_t v23 = __builtin_shufflevector(v[2], v[3], 0, 8, 2, 10, 4, 12, 6, 14) +
+                       __builtin_shufflevector(v[2], v[3], 1, 9, 3, 11, 5, 13, 7, 15);
+  const float8_t v45 = __builtin_shufflevector(v[4], v[5], 0, 8, 2, 10, 4, 12, 6, 14) +
+                       __builtin_shufflevector(v[4], v[5], 1, 9, 3, 11, 5, 13, 7, 15);
+  const float8_t v67 = __builtin_shufflevector(v[6], v[7], 0, 8, 2, 10, 4, 12, 6, 14) +
+                       __builtin_shufflevector(v[6], v[7], 1, 9, 3, 11, 5, 13, 7, 15);
+  // [v0 0-3, v1 0-3, v2 0-3, v3 0-3 | v0 4-7, v1 4-7, v2 4-7, v3 4-7], likewise for v4..v7
+  const float8_t low = __builtin_shufflevector(v01, v23, 0, 1, 8, 9, 4, 5, 12, 13) +
+                       __builtin_shufflevector(v01, v23, 2, 3, 10, 11, 6, 7, 14, 15);
+  const float8_t high = __builtin_shufflevector(v45, v67, 0, 1, 8, 9, 4, 5, 12, 13) +
+                        __builtin_shufflevector(v45, v67, 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
+         __builtin_shufflevector(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 #else
 #define MSDA_HAVE_VECTOR_EXTENSIONS 0
@@ -235,13 +245,14 @@ struct SampleSetup {
   }
 };
 
-// Per-sample setup of `count` consecutive samples (locations as (x, y) pairs), a vector of samples at a time: the
-// same arithmetic as bilinear_sample in the shared header (corner order, weights, validity, NaN rejection), with
-// masks instead of branches. Corners outside the map get weight 0 and the row index `zero_row`, a zero row the
-// callers append to every (batch, head), so the channel sweeps need no branch either.
+// Per-sample setup of `count` consecutive samples (locations as (x, y) pairs), a vector of samples at a time, through
+// the shared header's pixel_coordinate, location_inside and corner_weights (the functions bilinear_sample builds on
+// for the GPU), with masks instead of branches. Corners outside the map get weight 0 and the row index `zero_row`, a
+// zero row the callers append to every (batch, head), so the channel sweeps need no branch either.
 // `attention` (may be null): the samples' attention weights, folded into the corner weights. Rows are returned
-// premultiplied by `row_stride` (element offsets).
-template <typename scalar_t, typename acc_t>
+// premultiplied by `row_stride` (element offsets). kGradientTerms: also store frac_x, frac_y and inside (the
+// backward needs them, the forward does not).
+template <bool kGradientTerms, typename scalar_t, typename acc_t>
 MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, const scalar_t* attention,
                                       const LevelTable<acc_t>& table, int64_t zero_row, int64_t row_stride,
                                       SampleSetup<acc_t>& out) {
@@ -254,7 +265,10 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
   const ivec_t zero_rows = ivec_t{} + static_cast<int_t>(zero_row * row_stride);
   for (int64_t first = 0; first < count; first += kLanes) {
     alignas(32) acc_t location_x[kLanes], location_y[kLanes], sample_attention[kLanes];
-    if (std::is_same_v<scalar_t, acc_t> && first + kLanes <= count) {
+    vec_t scale = one;  // the attention weights (1 without attention)
+    bool whole_vector = false;
+    if constexpr (std::is_same_v<scalar_t, acc_t>) whole_vector = first + kLanes <= count;
+    if (whole_vector) {
       // Whole vector: two contiguous loads of (x, y) pairs, split into x and y lanes.
       const vec_t pairs_low = load_vector<vec_t>(locations + 2 * first);
       const vec_t pairs_high = load_vector<vec_t>(locations + 2 * first + kLanes);
@@ -268,9 +282,7 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
       }
       store_vector(location_x, even);
       store_vector(location_y, odd);
-      for (int lane = 0; lane < kLanes; ++lane) {
-        sample_attention[lane] = attention != nullptr ? static_cast<acc_t>(attention[first + lane]) : acc_t(1);
-      }
+      if (attention != nullptr) scale = load_vector<vec_t>(attention + first);
     } else {
       for (int lane = 0; lane < kLanes; ++lane) {
         const int64_t index = first + lane;
@@ -280,16 +292,17 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
         sample_attention[lane] =
             attention != nullptr && index < count ? static_cast<acc_t>(attention[index]) : acc_t(1);
       }
+      scale = load_vector<vec_t>(sample_attention);
     }
     const vec_t width_f = load_vector<vec_t>(table.width_f.data() + first);
     const vec_t height_f = load_vector<vec_t>(table.height_f.data() + first);
     const ivec_t width = load_vector<ivec_t>(table.width.data() + first);
     const ivec_t height = load_vector<ivec_t>(table.height.data() + first);
     const ivec_t first_row = load_vector<ivec_t>(table.first_row.data() + first);
-    const vec_t x_raw = load_vector<vec_t>(location_x) * width_f - static_cast<acc_t>(0.5);
-    const vec_t y_raw = load_vector<vec_t>(location_y) * height_f - static_cast<acc_t>(0.5);
-    // As in bilinear_sample: -1 <= x < W and -1 <= y < H (all ones where true); comparisons with NaN are false.
-    const ivec_t inside = (x_raw >= -one) & (x_raw < width_f) & (y_raw >= -one) & (y_raw < height_f);
+    const vec_t x_raw = pixel_coordinate<vec_t, acc_t>(load_vector<vec_t>(location_x), width_f);
+    const vec_t y_raw = pixel_coordinate<vec_t, acc_t>(load_vector<vec_t>(location_y), height_f);
+    // All ones where some corner is inside the map; NaN locations are outside.
+    const ivec_t inside = location_inside<vec_t, acc_t>(x_raw, y_raw, width_f, height_f);
     // Outside samples continue at coordinate +0 (no out-of-range float-to-int conversion).
     const vec_t x = (vec_t)((ivec_t)x_raw & inside);
     const vec_t y = (vec_t)((ivec_t)y_raw & inside);
@@ -306,9 +319,9 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
     const ivec_t y1_in = y0 + 1 < height;
     const ivec_t valid[4] = {y0_in & x0_in, y0_in & x1_in, y1_in & x0_in, y1_in & x1_in};
     // attention * bilinear weight: the product (and rounding) the previous scalar kernels formed per corner.
-    const vec_t scale = attention != nullptr ? load_vector<vec_t>(sample_attention) : one;
-    const vec_t weight[4] = {scale * ((one - fy) * (one - fx)), scale * ((one - fy) * fx),
-                             scale * (fy * (one - fx)), scale * (fy * fx)};
+    vec_t weight[4];
+    corner_weights<vec_t, acc_t>(fx, fy, weight);
+    for (int corner = 0; corner < 4; ++corner) weight[corner] = scale * weight[corner];
     const ivec_t stride = ivec_t{} + static_cast<int_t>(row_stride);
     const ivec_t top_left = (first_row + y0 * width + x0) * stride;
     const ivec_t row[4] = {top_left, top_left + stride, top_left + width * stride, top_left + (width + 1) * stride};
@@ -316,10 +329,26 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
       store_vector(out.weight[corner].data() + first, (vec_t)((ivec_t)weight[corner] & valid[corner]));
       store_vector(out.row[corner].data() + first, (row[corner] & valid[corner]) | (zero_rows & ~valid[corner]));
     }
-    store_vector(out.frac_x.data() + first, fx);
-    store_vector(out.frac_y.data() + first, fy);
-    store_vector(out.inside.data() + first, inside);
+    if constexpr (kGradientTerms) {
+      store_vector(out.frac_x.data() + first, fx);
+      store_vector(out.frac_y.data() + first, fy);
+      store_vector(out.inside.data() + first, inside);
+    }
   }
+}
+
+// Copies `count` elements in 32-byte moves that stay inline: the runs gathered per query are short (tens of
+// elements), where a libc call per run costs more than the copy.
+template <typename T>
+MSDA_ALWAYS_INLINE void copy_run(T* target, const T* source, int64_t count) {
+  constexpr int64_t kChunkElements = 32 / sizeof(T);
+  int64_t index = 0;
+  for (; index + kChunkElements <= count; index += kChunkElements) {
+    unsigned char chunk[32];
+    std::memcpy(chunk, source + index, sizeof(chunk));
+    std::memcpy(target + index, chunk, sizeof(chunk));
+  }
+  for (; index < count; ++index) target[index] = source[index];
 }
 
 // Copies value[b, :, head, :] of the dense (B, S, h, D) input into `rows` as S contiguous rows plus one zero row
@@ -329,9 +358,12 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
 template <typename scalar_t, int kHeadDim>
 MSDA_ALWAYS_INLINE const scalar_t* copy_head_rows(const Problem& problem, const scalar_t* value, int64_t batch_index,
                                                   int64_t head, int64_t head_dim, std::vector<scalar_t>& rows) {
-  rows.resize((problem.num_values + 1) * head_dim);
+  // Rows start on a 64-byte boundary, so a 128-byte row spans two cache lines, not three.
+  constexpr int64_t kAlignElements = 64 / sizeof(scalar_t);
+  rows.resize((problem.num_values + 1) * head_dim + kAlignElements);
+  const uintptr_t misalignment = reinterpret_cast<uintptr_t>(rows.data()) % 64;
+  scalar_t* target = rows.data() + (misalignment == 0 ? 0 : (64 - misalignment) / sizeof(scalar_t));
   const scalar_t* source = value + batch_index * problem.value_batch_stride + head * problem.value_head_stride;
-  scalar_t* target = rows.data();
   for (int64_t position = 0; position < problem.num_values; ++position) {
     if constexpr (kHeadDim > 0) {
       std::memcpy(target + position * kHeadDim, source + position * problem.value_row_stride,
@@ -341,8 +373,8 @@ MSDA_ALWAYS_INLINE const scalar_t* copy_head_rows(const Problem& problem, const 
                   head_dim * sizeof(scalar_t));
     }
   }
-  std::memset(static_cast<void*>(rows.data() + problem.num_values * head_dim), 0, head_dim * sizeof(scalar_t));
-  return rows.data();
+  std::memset(static_cast<void*>(target + problem.num_values * head_dim), 0, head_dim * sizeof(scalar_t));
+  return target;
 }
 
 // Work items [begin, end) of the flattened (batch, head, query block) axis. A block's locations and weights are
@@ -382,19 +414,22 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t source = block_first_sample + (query - first_query) * problem.sample_query_stride;
       const int64_t target = (query - first_query) * samples_per_head;
+      // memcpy, not copy_run: setup_samples reads these runs back as whole vectors, and a vector load spanning
+      // copy_run's separate stores could not be forwarded from the store buffer (measured slower).
       std::memcpy(block_locations.data() + 2 * target, sampling_locations + 2 * source,
                   2 * samples_per_head * sizeof(scalar_t));
       std::memcpy(block_attention.data() + target, attention_weights + source, samples_per_head * sizeof(scalar_t));
     }
-    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
-                                   block_attention.data(), table, zero_row, row_stride, setup);
+    setup_samples<false, scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
+                                          block_attention.data(), table, zero_row, row_stride, setup);
     if (batch_index * problem.num_heads + head != copied_task) {
       copied_task = batch_index * problem.num_heads + head;
       head_value = copy_head_rows<scalar_t, kHeadDim>(problem, value, batch_index, head, head_dim, head_rows);
     }
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t first_index = (query - first_query) * samples_per_head;
-      scalar_t* output_row = output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
+      scalar_t* output_row =
+          output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
 #if MSDA_HAVE_VECTOR_EXTENSIONS
       if constexpr (kHeadDim > 0) {
         using Vector = ChannelVector<scalar_t>;
@@ -459,9 +494,10 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
 // strides, zero row included (it takes the weight-0 updates of outside corners). The task owns grad_value[b, :,
 // head, :] and the location/weight gradients of (b, head) and walks its queries in order, so there are no atomics
 // and every grad_value row receives its updates in the same order for any thread count.
-// Same two phases as the forward: the vectorised setup of a block of queries' samples, then per sample the four
-// <grad_output, corner row> dot products (location and weight gradients) and the four grad_value row updates in
-// one sweep over the channels.
+// Phases per block of queries: the vectorised setup of its samples; per sample the four <grad_output, corner row>
+// dot products and the four grad_value row updates in one sweep over the channels; per chunk of 8 (fp32) or 4
+// (fp64) samples, the location and weight gradients in one vector step of the header's bilinear_gradient.
+// No software prefetch here: with the row updates in flight it measured slower than none.
 template <typename scalar_t, int kHeadDim>
 MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* value,
                                       const scalar_t* sampling_locations, const scalar_t* attention_weights,
@@ -476,7 +512,8 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   const int64_t head = task % problem.num_heads;
   const int64_t batch_index = task / problem.num_heads;
   thread_local std::vector<scalar_t> head_rows;
-  const scalar_t* head_value = copy_head_rows<scalar_t, kHeadDim>(problem, value, batch_index, head, head_dim, head_rows);
+  const scalar_t* head_value =
+      copy_head_rows<scalar_t, kHeadDim>(problem, value, batch_index, head, head_dim, head_rows);
   // The task's value gradient accumulates in a local (S + 1, D) tile with the value copy's row offsets (the extra
   // row takes the weight-0 updates of outside corners), then goes to grad_value[b, :, head, :] once at the end.
   // The tile starts 1536 bytes (mod 4096) after the value rows: equal buffers from malloc would otherwise sit at
@@ -486,7 +523,8 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   const int64_t tile_size = (problem.num_values + 1) * head_dim;
   grad_value_tile.resize(tile_size + 4096 / sizeof(acc_t));
   const uintptr_t wanted_offset = (reinterpret_cast<uintptr_t>(head_value) + 1536) % 4096;
-  const uintptr_t shift_bytes = (wanted_offset + 4096 - reinterpret_cast<uintptr_t>(grad_value_tile.data()) % 4096) % 4096;
+  const uintptr_t tile_offset = reinterpret_cast<uintptr_t>(grad_value_tile.data()) % 4096;
+  const uintptr_t shift_bytes = (wanted_offset + 4096 - tile_offset) % 4096;
   acc_t* head_grad_value = grad_value_tile.data() + shift_bytes / sizeof(acc_t);
   std::fill(head_grad_value, head_grad_value + tile_size, acc_t(0));
   const int64_t zero_row = problem.num_values;
@@ -499,6 +537,14 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   std::vector<scalar_t> block_grad_locations(2 * kQueryBlock * samples_per_head);
   std::vector<scalar_t> block_grad_attention(kQueryBlock * samples_per_head);
   std::vector<acc_t> block_grad_output(kQueryBlock * head_dim);
+  // The block's attention weights in acc_t, padded to whole vectors for the vectorised gradient step.
+  constexpr int kChunk = SetupLanes<acc_t>::kLanes;
+  std::vector<acc_t> block_attention_acc(padded_count<acc_t>(kQueryBlock * samples_per_head));
+  // Offset of each block sample's grad_output row in block_grad_output (no division per sample).
+  std::vector<int64_t> grad_output_offset(kQueryBlock * samples_per_head);
+  for (int64_t index = 0; index < kQueryBlock * samples_per_head; ++index) {
+    grad_output_offset[index] = index / samples_per_head * head_dim;
+  }
 
   for (int64_t first_query = 0; first_query < problem.num_queries; first_query += kQueryBlock) {
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
@@ -507,9 +553,8 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t source = block_first_sample + (query - first_query) * problem.sample_query_stride;
       const int64_t target = (query - first_query) * samples_per_head;
-      std::memcpy(block_locations.data() + 2 * target, sampling_locations + 2 * source,
-                  2 * samples_per_head * sizeof(scalar_t));
-      std::memcpy(block_attention.data() + target, attention_weights + source, samples_per_head * sizeof(scalar_t));
+      copy_run(block_locations.data() + 2 * target, sampling_locations + 2 * source, 2 * samples_per_head);
+      copy_run(block_attention.data() + target, attention_weights + source, samples_per_head);
       const scalar_t* grad_output_row =
           grad_output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
       acc_t* grad_row = block_grad_output.data() + (query - first_query) * head_dim;
@@ -517,123 +562,144 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
         grad_row[channel] = static_cast<acc_t>(grad_output_row[channel]);
       }
     }
-    setup_samples<scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
-                                   static_cast<const scalar_t*>(nullptr), table, zero_row, row_stride, setup);
-    for (int64_t query = first_query; query < last_query; ++query) {
-      const acc_t* grad = block_grad_output.data() + (query - first_query) * head_dim;
-      const int64_t first_index = (query - first_query) * samples_per_head;
-      // The next query's value and grad_value rows, requested now so that their latency overlaps this query.
-      if (kHeadDim > 0 && query + 1 < last_query) {
-        for (int64_t index = first_index + samples_per_head; index < first_index + 2 * samples_per_head; ++index) {
-          const int64_t top = setup.row[0][index];
-          const int64_t bottom = setup.row[2][index];
-          MSDA_UNROLL
-          for (int64_t byte = 0; byte < static_cast<int64_t>(2 * kHeadDim * sizeof(scalar_t)); byte += 64) {
-            __builtin_prefetch(reinterpret_cast<const char*>(head_value + top) + byte);
-            __builtin_prefetch(reinterpret_cast<const char*>(head_value + bottom) + byte);
+    setup_samples<true, scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
+                                         static_cast<const scalar_t*>(nullptr), table, zero_row, row_stride, setup);
+    const int64_t block_samples = (last_query - first_query) * samples_per_head;
+    for (int64_t index = 0; index < block_samples; ++index) {
+      block_attention_acc[index] = static_cast<acc_t>(block_attention[index]);
+    }
+    // Chunks of kChunk consecutive samples of the block (they may span two queries): first, per sample, the four
+    // <grad_output, corner row> dot products and the four grad_value row updates in one sweep over the channels;
+    // then the chunk's location and weight gradients in one vector step through the header's bilinear_gradient.
+    for (int64_t chunk_first = 0; chunk_first < block_samples; chunk_first += kChunk) {
+      const int chunk_count = static_cast<int>(std::min<int64_t>(kChunk, block_samples - chunk_first));
+      alignas(32) acc_t corner_dot[4][kChunk];
+#if MSDA_HAVE_VECTOR_EXTENSIONS
+      // Per-sample channel vectors of the dot products, reduced over channels for the whole chunk at once.
+      using Vector = ChannelVector<scalar_t>;
+      using channel_vec_t = typename Vector::vec_t;
+      constexpr bool kVectorPath = kHeadDim > 0;
+      channel_vec_t raw_dot[4][kChunk];
+#else
+      constexpr bool kVectorPath = false;
+#endif
+      for (int lane = 0; lane < kChunk; ++lane) {
+        const int64_t index = chunk_first + lane;
+        // Past the chunk's end, and samples with no corner inside the map: zero dot products (their gradients are
+        // zero) and no grad_value update.
+        if (lane >= chunk_count || !setup.inside[index]) {
+#if MSDA_HAVE_VECTOR_EXTENSIONS
+          if constexpr (kVectorPath) {
+            for (int corner = 0; corner < 4; ++corner) raw_dot[corner][lane] = channel_vec_t{};
+            continue;
           }
-          MSDA_UNROLL
-          for (int64_t byte = 0; byte < static_cast<int64_t>(2 * kHeadDim * sizeof(acc_t)); byte += 64) {
-            __builtin_prefetch(reinterpret_cast<const char*>(head_grad_value + top) + byte, 1);
-            __builtin_prefetch(reinterpret_cast<const char*>(head_grad_value + bottom) + byte, 1);
-          }
-        }
-      }
-      for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
-        const int64_t sample_index = index;  // in the block buffers
-        // Samples with no corner inside the map have zero gradients.
-        if (!setup.inside[index]) {
-          block_grad_attention[sample_index] = scalar_t(0);
-          block_grad_locations[2 * sample_index] = scalar_t(0);
-          block_grad_locations[2 * sample_index + 1] = scalar_t(0);
+#endif
+          for (int corner = 0; corner < 4; ++corner) corner_dot[corner][lane] = acc_t(0);
           continue;
         }
-        const acc_t attention = static_cast<acc_t>(block_attention[sample_index]);
+        const acc_t* grad = block_grad_output.data() + grad_output_offset[index];
+        const acc_t attention = block_attention_acc[index];
         const scalar_t* corner_value[4];
         acc_t* corner_grad[4];
         acc_t corner_weight[4];
-        BilinearSample<acc_t> sample;
         for (int corner = 0; corner < 4; ++corner) {
           const int64_t row_offset = setup.row[corner][index];
           corner_value[corner] = head_value + row_offset;
           corner_grad[corner] = head_grad_value + row_offset;
-          sample.weight[corner] = setup.weight[corner][index];
-          corner_weight[corner] = attention * sample.weight[corner];
+          corner_weight[corner] = attention * setup.weight[corner][index];
         }
-        sample.frac_x = setup.frac_x[index];
-        sample.frac_y = setup.frac_y[index];
-        acc_t corner_dot[4];
-        bool done = false;
 #if MSDA_HAVE_VECTOR_EXTENSIONS
-        if constexpr (kHeadDim > 0) {
-          using Vector = ChannelVector<scalar_t>;
+        if constexpr (kVectorPath) {
           using AccVector = ChannelVector<acc_t>;
-          using vec_t = typename Vector::vec_t;
           constexpr int kLanes = Vector::kLanes;
           constexpr int kVectors = kHeadDim / kLanes;
-          vec_t dots[4] = {vec_t{}, vec_t{}, vec_t{}, vec_t{}};
+          channel_vec_t dots[4] = {channel_vec_t{}, channel_vec_t{}, channel_vec_t{}, channel_vec_t{}};
           MSDA_UNROLL
           for (int block = 0; block < kVectors; ++block) {
-            const vec_t g = AccVector::load(grad + block * kLanes);
+            const channel_vec_t g = AccVector::load(grad + block * kLanes);
             for (int corner = 0; corner < 4; ++corner) {
               dots[corner] += g * Vector::load(corner_value[corner] + block * kLanes);
               acc_t* grad_row = corner_grad[corner] + block * kLanes;
               AccVector::store(grad_row, AccVector::load(grad_row) + corner_weight[corner] * g);
             }
           }
-          if constexpr (kLanes == 8 && std::is_same_v<acc_t, float>) {
-            const vec_t sums = horizontal_sums_of_four(dots[0], dots[1], dots[2], dots[3]);
-            for (int corner = 0; corner < 4; ++corner) corner_dot[corner] = sums[corner];
-          } else {
-            for (int corner = 0; corner < 4; ++corner) {
-              corner_dot[corner] = horizontal_sum<vec_t, kLanes>(dots[corner]);
-            }
-          }
-          done = true;
+          for (int corner = 0; corner < 4; ++corner) raw_dot[corner][lane] = dots[corner];
+          continue;
         }
 #endif
-        if (!done) {
-          const scalar_t* value0 = corner_value[0];
-          const scalar_t* value1 = corner_value[1];
-          const scalar_t* value2 = corner_value[2];
-          const scalar_t* value3 = corner_value[3];
-          acc_t* grad0 = corner_grad[0];
-          acc_t* grad1 = corner_grad[1];
-          acc_t* grad2 = corner_grad[2];
-          acc_t* grad3 = corner_grad[3];
-          acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
-          // Corners may share the zero row (all weight 0), so the updates go one after another, not in parallel.
-          for (int64_t channel = 0; channel < head_dim; ++channel) {
-            const acc_t g = grad[channel];
-            dot0 += g * static_cast<acc_t>(value0[channel]);
-            dot1 += g * static_cast<acc_t>(value1[channel]);
-            dot2 += g * static_cast<acc_t>(value2[channel]);
-            dot3 += g * static_cast<acc_t>(value3[channel]);
-            grad0[channel] += corner_weight[0] * g;
-            grad1[channel] += corner_weight[1] * g;
-            grad2[channel] += corner_weight[2] * g;
-            grad3[channel] += corner_weight[3] * g;
-          }
-          corner_dot[0] = dot0;
-          corner_dot[1] = dot1;
-          corner_dot[2] = dot2;
-          corner_dot[3] = dot3;
+        const scalar_t* value0 = corner_value[0];
+        const scalar_t* value1 = corner_value[1];
+        const scalar_t* value2 = corner_value[2];
+        const scalar_t* value3 = corner_value[3];
+        acc_t* grad0 = corner_grad[0];
+        acc_t* grad1 = corner_grad[1];
+        acc_t* grad2 = corner_grad[2];
+        acc_t* grad3 = corner_grad[3];
+        acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
+        // Corners may share the zero row (all weight 0), so the updates go one after another, not in parallel.
+        for (int64_t channel = 0; channel < head_dim; ++channel) {
+          const acc_t g = grad[channel];
+          dot0 += g * static_cast<acc_t>(value0[channel]);
+          dot1 += g * static_cast<acc_t>(value1[channel]);
+          dot2 += g * static_cast<acc_t>(value2[channel]);
+          dot3 += g * static_cast<acc_t>(value3[channel]);
+          grad0[channel] += corner_weight[0] * g;
+          grad1[channel] += corner_weight[1] * g;
+          grad2[channel] += corner_weight[2] * g;
+          grad3[channel] += corner_weight[3] * g;
         }
-        acc_t d_sample, d_loc_x, d_loc_y;
-        sample_gradient<acc_t>(sample, corner_dot, table.height[index], table.width[index], d_sample, d_loc_x,
-                               d_loc_y);
-        block_grad_attention[sample_index] = scalar_t(d_sample);
-        block_grad_locations[2 * sample_index] = scalar_t(attention * d_loc_x);
-        block_grad_locations[2 * sample_index + 1] = scalar_t(attention * d_loc_y);
+        corner_dot[0][lane] = dot0;
+        corner_dot[1][lane] = dot1;
+        corner_dot[2][lane] = dot2;
+        corner_dot[3][lane] = dot3;
+      }
+#if MSDA_HAVE_VECTOR_EXTENSIONS
+      if constexpr (kVectorPath) {
+        for (int corner = 0; corner < 4; ++corner) {
+          if constexpr (std::is_same_v<channel_vec_t, float8_t> && kChunk == 8) {
+            store_vector(corner_dot[corner], lane_sums_of_eight(raw_dot[corner]));
+          } else {
+            for (int lane = 0; lane < kChunk; ++lane) {
+              corner_dot[corner][lane] = horizontal_sum<channel_vec_t, Vector::kLanes>(raw_dot[corner][lane]);
+            }
+          }
+        }
+      }
+#endif
+      // The chunk's gradients, all lanes at once: d_sample = sum_c weight_c * dot_c (the attention-weight gradient)
+      // and the pixel-coordinate gradients, times W (H) for the normalised location and times the attention weight.
+      using setup_vec_t = typename SetupLanes<acc_t>::vec_t;
+      using setup_ivec_t = typename SetupLanes<acc_t>::ivec_t;
+      setup_vec_t dot[4], weight[4];
+      for (int corner = 0; corner < 4; ++corner) {
+        dot[corner] = load_vector<setup_vec_t>(corner_dot[corner]);
+        weight[corner] = load_vector<setup_vec_t>(setup.weight[corner].data() + chunk_first);
+      }
+      setup_vec_t d_sample, d_x, d_y;
+      bilinear_gradient<setup_vec_t, acc_t>(weight, load_vector<setup_vec_t>(setup.frac_x.data() + chunk_first),
+                                            load_vector<setup_vec_t>(setup.frac_y.data() + chunk_first), dot,
+                                            d_sample, d_x, d_y);
+      const setup_vec_t attention = load_vector<setup_vec_t>(block_attention_acc.data() + chunk_first);
+      const setup_vec_t d_loc_x = attention * (d_x * load_vector<setup_vec_t>(table.width_f.data() + chunk_first));
+      const setup_vec_t d_loc_y = attention * (d_y * load_vector<setup_vec_t>(table.height_f.data() + chunk_first));
+      // Samples with no corner inside the map have exactly zero gradients (also for non-finite grad_output).
+      const setup_ivec_t inside = load_vector<setup_ivec_t>(setup.inside.data() + chunk_first);
+      alignas(32) acc_t out_sample[kChunk], out_x[kChunk], out_y[kChunk];
+      store_vector(out_sample, (setup_vec_t)((setup_ivec_t)d_sample & inside));
+      store_vector(out_x, (setup_vec_t)((setup_ivec_t)d_loc_x & inside));
+      store_vector(out_y, (setup_vec_t)((setup_ivec_t)d_loc_y & inside));
+      for (int lane = 0; lane < chunk_count; ++lane) {
+        const int64_t index = chunk_first + lane;
+        block_grad_attention[index] = scalar_t(out_sample[lane]);
+        block_grad_locations[2 * index] = scalar_t(out_x[lane]);
+        block_grad_locations[2 * index + 1] = scalar_t(out_y[lane]);
       }
     }
     for (int64_t query = first_query; query < last_query; ++query) {
       const int64_t target = block_first_sample + (query - first_query) * problem.sample_query_stride;
       const int64_t source = (query - first_query) * samples_per_head;
-      std::memcpy(grad_sampling_locations + 2 * target, block_grad_locations.data() + 2 * source,
-                  2 * samples_per_head * sizeof(scalar_t));
-      std::memcpy(grad_attention_weights + target, block_grad_attention.data() + source,
-                  samples_per_head * sizeof(scalar_t));
+      copy_run(grad_sampling_locations + 2 * target, block_grad_locations.data() + 2 * source, 2 * samples_per_head);
+      copy_run(grad_attention_weights + target, block_grad_attention.data() + source, samples_per_head);
     }
   }
   // (S, D) tile -> grad_value[b, :, head, :] of the dense (B, S, h, D) result, in its dtype.
