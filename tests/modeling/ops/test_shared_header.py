@@ -111,7 +111,8 @@ def _grid_sample_oracle(value_map: torch.Tensor, points: torch.Tensor) -> torch.
         align_corners=False,
     ).flatten()  # fmt: skip
     (grad_locations,) = torch.autograd.grad((sampled * points[:, 2]).sum(), locations)
-    return torch.stack([sampled.detach(), sampled.detach() * points[:, 2], grad_locations[:, 0], grad_locations[:, 1]], 1)
+    sampled = sampled.detach()
+    return torch.stack([sampled, sampled * points[:, 2], grad_locations[:, 0], grad_locations[:, 1]], 1)
 
 
 def test_scalar_sampling_math_matches_grid_sample(header_program):
@@ -121,7 +122,9 @@ def test_scalar_sampling_math_matches_grid_sample(header_program):
     random_points = torch.rand(200, 2, generator=generator, dtype=torch.float64) * 1.4 - 0.2  # some outside
     # Exact integer pixel coordinates (grid_sample's floor convention for the gradient), the border band
     # -1 <= x < 0 and the last column/row.
-    integer_points = torch.tensor([[(i + 0.5) / width, (j + 0.5) / height] for i in range(width) for j in range(height)])
+    integer_points = torch.tensor(
+        [[(column + 0.5) / width, (row + 0.5) / height] for column in range(width) for row in range(height)]
+    )
     border_points = torch.tensor(
         [[-0.5 / width, 0.5], [-0.99 / width, 0.3], [1.0, 0.5], [(width - 0.01) / width, 0.7], [0.4, -0.9 / height],
          [0.6, 1.0 - 0.01 / height], [-1.01 / width, 0.5], [0.5, 1.0 + 0.51 / height]],
