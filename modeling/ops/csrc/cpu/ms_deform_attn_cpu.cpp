@@ -149,25 +149,18 @@ MSDA_ALWAYS_INLINE auto horizontal_sum(vec_t vector) -> decltype(vector[0] + vec
 
 typedef float float8_t __attribute__((vector_size(32)));
 
-// The lane sums of eight 8-lane float vectors, as the eight lanes of the result (lane k = sum of v[k]): three rounds
-// of pairwise adds across the vectors (a fixed order: deterministic), 21 operations for eight sums.
-MSDA_ALWAYS_INLINE float8_t lane_sums_of_eight(const float8_t v[8]) {
-  // [v0 01, v1 01, v0 23, v1 23 | v0 45, v1 45, v0 67, v1 67] (each a sum of two lanes), likewise for v2..v7
-  const float8_t v01 = __builtin_shufflevector(v[0], v[1], 0, 8, 2, 10, 4, 12, 6, 14) +
-                       __builtin_shufflevector(v[0], v[1], 1, 9, 3, 11, 5, 13, 7, 15);
-  const float8_t v23 = __builtin_shufflevector(v[2], v[3], 0, 8, 2, 10, 4, 12, 6, 14) +
-                       __builtin_shufflevector(v[2], v[3], 1, 9, 3, 11, 5, 13, 7, 15);
-  const float8_t v45 = __builtin_shufflevector(v[4], v[5], 0, 8, 2, 10, 4, 12, 6, 14) +
-                       __builtin_shufflevector(v[4], v[5], 1, 9, 3, 11, 5, 13, 7, 15);
-  const float8_t v67 = __builtin_shufflevector(v[6], v[7], 0, 8, 2, 10, 4, 12, 6, 14) +
-                       __builtin_shufflevector(v[6], v[7], 1, 9, 3, 11, 5, 13, 7, 15);
-  // [v0 0-3, v1 0-3, v2 0-3, v3 0-3 | v0 4-7, v1 4-7, v2 4-7, v3 4-7], likewise for v4..v7
-  const float8_t low = __builtin_shufflevector(v01, v23, 0, 1, 8, 9, 4, 5, 12, 13) +
-                       __builtin_shufflevector(v01, v23, 2, 3, 10, 11, 6, 7, 14, 15);
-  const float8_t high = __builtin_shufflevector(v45, v67, 0, 1, 8, 9, 4, 5, 12, 13) +
-                        __builtin_shufflevector(v45, v67, 2, 3, 10, 11, 6, 7, 14, 15);
-  return __builtin_shufflevector(low, high, 0, 1, 2, 3, 8, 9, 10, 11) +
-         __builtin_shufflevector(low, high, 4, 5, 6, 7, 12, 13, 14, 15);
+// The lane sums of four 8-lane float vectors, in lanes 0-3 of the result: two rounds of pairwise adds across the
+// four vectors at once (a fixed order: deterministic), instead of four sequential 8-lane reductions.
+MSDA_ALWAYS_INLINE float8_t horizontal_sums_of_four(float8_t a, float8_t b, float8_t c, float8_t d) {
+  // [a0+a1, b0+b1, a2+a3, b2+b3, a4+a5, b4+b5, a6+a7, b6+b7]
+  const float8_t ab = __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14) +
+                      __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15);
+  const float8_t cd = __builtin_shufflevector(c, d, 0, 8, 2, 10, 4, 12, 6, 14) +
+                      __builtin_shufflevector(c, d, 1, 9, 3, 11, 5, 13, 7, 15);
+  // [a0..3, b0..3, c0..3, d0..3, a4..7, b4..7, c4..7, d4..7] (each a sum of four lanes)
+  const float8_t quarter = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+                           __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+  return quarter + __builtin_shufflevector(quarter, quarter, 4, 5, 6, 7, 0, 1, 2, 3);
 }
 #else
 #define MSDA_HAVE_VECTOR_EXTENSIONS 0
@@ -534,17 +527,14 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
   // whole runs: the per-sample strided accesses would each miss the cache.
   std::vector<scalar_t> block_locations(2 * kQueryBlock * samples_per_head);
   std::vector<scalar_t> block_attention(kQueryBlock * samples_per_head);
-  std::vector<scalar_t> block_grad_locations(2 * kQueryBlock * samples_per_head);
-  std::vector<scalar_t> block_grad_attention(kQueryBlock * samples_per_head);
-  std::vector<acc_t> block_grad_output(kQueryBlock * head_dim);
-  // The block's attention weights in acc_t, padded to whole vectors for the vectorised gradient step.
+  // Buffers read or written a vector of samples at a time are padded to whole vectors.
   constexpr int kChunk = SetupLanes<acc_t>::kLanes;
-  std::vector<acc_t> block_attention_acc(padded_count<acc_t>(kQueryBlock * samples_per_head));
-  // Offset of each block sample's grad_output row in block_grad_output (no division per sample).
-  std::vector<int64_t> grad_output_offset(kQueryBlock * samples_per_head);
-  for (int64_t index = 0; index < kQueryBlock * samples_per_head; ++index) {
-    grad_output_offset[index] = index / samples_per_head * head_dim;
-  }
+  const int64_t padded_samples = padded_count<acc_t>(kQueryBlock * samples_per_head);
+  std::vector<scalar_t> block_grad_locations(2 * padded_samples);
+  std::vector<scalar_t> block_grad_attention(padded_samples);
+  std::vector<acc_t> block_grad_output(kQueryBlock * head_dim);
+  std::vector<acc_t> block_attention_acc(padded_samples);  // the attention weights in acc_t
+  std::vector<acc_t> block_dots(4 * padded_samples);      // channel sums of the dot products, (sample, corner)
 
   for (int64_t first_query = 0; first_query < problem.num_queries; first_query += kQueryBlock) {
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
@@ -565,76 +555,71 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
     setup_samples<true, scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
                                          static_cast<const scalar_t*>(nullptr), table, zero_row, row_stride, setup);
     const int64_t block_samples = (last_query - first_query) * samples_per_head;
-    for (int64_t index = 0; index < block_samples; ++index) {
-      block_attention_acc[index] = static_cast<acc_t>(block_attention[index]);
-    }
-    // Chunks of kChunk consecutive samples of the block (they may span two queries): first, per sample, the four
-    // <grad_output, corner row> dot products and the four grad_value row updates in one sweep over the channels;
-    // then the chunk's location and weight gradients in one vector step through the header's bilinear_gradient.
-    for (int64_t chunk_first = 0; chunk_first < block_samples; chunk_first += kChunk) {
-      const int chunk_count = static_cast<int>(std::min<int64_t>(kChunk, block_samples - chunk_first));
-      alignas(32) acc_t corner_dot[4][kChunk];
+    // Per query (its grad_output row stays in registers), per sample: the four <grad_output, corner row> dot
+    // products and the four grad_value row updates in one sweep over the channels; the dot products' channel sums
+    // go to block_dots as (sample, corner).
+    for (int64_t query = first_query; query < last_query; ++query) {
+      const acc_t* grad = block_grad_output.data() + (query - first_query) * head_dim;
+      const int64_t first_index = (query - first_query) * samples_per_head;
 #if MSDA_HAVE_VECTOR_EXTENSIONS
-      // Per-sample channel vectors of the dot products, reduced over channels for the whole chunk at once.
-      using Vector = ChannelVector<scalar_t>;
-      using channel_vec_t = typename Vector::vec_t;
-      constexpr bool kVectorPath = kHeadDim > 0;
-      channel_vec_t raw_dot[4][kChunk];
-#else
-      constexpr bool kVectorPath = false;
-#endif
-      for (int lane = 0; lane < kChunk; ++lane) {
-        const int64_t index = chunk_first + lane;
-        // Past the chunk's end, and samples with no corner inside the map: zero dot products (their gradients are
-        // zero) and no grad_value update.
-        if (lane >= chunk_count || !setup.inside[index]) {
-#if MSDA_HAVE_VECTOR_EXTENSIONS
-          if constexpr (kVectorPath) {
-            for (int corner = 0; corner < 4; ++corner) raw_dot[corner][lane] = channel_vec_t{};
+      if constexpr (kHeadDim > 0) {
+        using Vector = ChannelVector<scalar_t>;
+        using AccVector = ChannelVector<acc_t>;
+        using vec_t = typename Vector::vec_t;
+        constexpr int kLanes = Vector::kLanes;
+        constexpr int kVectors = kHeadDim / kLanes;
+        vec_t g[kVectors];
+        for (int block = 0; block < kVectors; ++block) g[block] = AccVector::load(grad + block * kLanes);
+        for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
+          acc_t* dot_sums = block_dots.data() + 4 * index;
+          // No corner inside the map: zero gradients, no grad_value update.
+          if (!setup.inside[index]) {
+            for (int corner = 0; corner < 4; ++corner) dot_sums[corner] = acc_t(0);
             continue;
           }
-#endif
-          for (int corner = 0; corner < 4; ++corner) corner_dot[corner][lane] = acc_t(0);
-          continue;
-        }
-        const acc_t* grad = block_grad_output.data() + grad_output_offset[index];
-        const acc_t attention = block_attention_acc[index];
-        const scalar_t* corner_value[4];
-        acc_t* corner_grad[4];
-        acc_t corner_weight[4];
-        for (int corner = 0; corner < 4; ++corner) {
-          const int64_t row_offset = setup.row[corner][index];
-          corner_value[corner] = head_value + row_offset;
-          corner_grad[corner] = head_grad_value + row_offset;
-          corner_weight[corner] = attention * setup.weight[corner][index];
-        }
-#if MSDA_HAVE_VECTOR_EXTENSIONS
-        if constexpr (kVectorPath) {
-          using AccVector = ChannelVector<acc_t>;
-          constexpr int kLanes = Vector::kLanes;
-          constexpr int kVectors = kHeadDim / kLanes;
-          channel_vec_t dots[4] = {channel_vec_t{}, channel_vec_t{}, channel_vec_t{}, channel_vec_t{}};
-          MSDA_UNROLL
-          for (int block = 0; block < kVectors; ++block) {
-            const channel_vec_t g = AccVector::load(grad + block * kLanes);
-            for (int corner = 0; corner < 4; ++corner) {
-              dots[corner] += g * Vector::load(corner_value[corner] + block * kLanes);
-              acc_t* grad_row = corner_grad[corner] + block * kLanes;
-              AccVector::store(grad_row, AccVector::load(grad_row) + corner_weight[corner] * g);
+          const acc_t attention = static_cast<acc_t>(block_attention[index]);
+          vec_t dots[4] = {vec_t{}, vec_t{}, vec_t{}, vec_t{}};
+          for (int corner = 0; corner < 4; ++corner) {
+            const int64_t row_offset = setup.row[corner][index];
+            const scalar_t* corner_value = head_value + row_offset;
+            acc_t* corner_grad = head_grad_value + row_offset;
+            const acc_t corner_weight = attention * setup.weight[corner][index];
+            MSDA_UNROLL
+            for (int block = 0; block < kVectors; ++block) {
+              dots[corner] += g[block] * Vector::load(corner_value + block * kLanes);
+              acc_t* grad_row = corner_grad + block * kLanes;
+              AccVector::store(grad_row, AccVector::load(grad_row) + corner_weight * g[block]);
             }
           }
-          for (int corner = 0; corner < 4; ++corner) raw_dot[corner][lane] = dots[corner];
+          if constexpr (kLanes == 8 && std::is_same_v<acc_t, float>) {
+            const float8_t sums = horizontal_sums_of_four(dots[0], dots[1], dots[2], dots[3]);
+            std::memcpy(dot_sums, &sums, 4 * sizeof(float));  // lanes 0-3
+          } else {
+            for (int corner = 0; corner < 4; ++corner) dot_sums[corner] = horizontal_sum<vec_t, kLanes>(dots[corner]);
+          }
+        }
+        continue;
+      }
+#endif
+      for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
+        acc_t* dot_sums = block_dots.data() + 4 * index;
+        if (!setup.inside[index]) {
+          for (int corner = 0; corner < 4; ++corner) dot_sums[corner] = acc_t(0);
           continue;
         }
-#endif
-        const scalar_t* value0 = corner_value[0];
-        const scalar_t* value1 = corner_value[1];
-        const scalar_t* value2 = corner_value[2];
-        const scalar_t* value3 = corner_value[3];
-        acc_t* grad0 = corner_grad[0];
-        acc_t* grad1 = corner_grad[1];
-        acc_t* grad2 = corner_grad[2];
-        acc_t* grad3 = corner_grad[3];
+        const acc_t attention = static_cast<acc_t>(block_attention[index]);
+        const scalar_t* value0 = head_value + setup.row[0][index];
+        const scalar_t* value1 = head_value + setup.row[1][index];
+        const scalar_t* value2 = head_value + setup.row[2][index];
+        const scalar_t* value3 = head_value + setup.row[3][index];
+        acc_t* grad0 = head_grad_value + setup.row[0][index];
+        acc_t* grad1 = head_grad_value + setup.row[1][index];
+        acc_t* grad2 = head_grad_value + setup.row[2][index];
+        acc_t* grad3 = head_grad_value + setup.row[3][index];
+        const acc_t weight0 = attention * setup.weight[0][index];
+        const acc_t weight1 = attention * setup.weight[1][index];
+        const acc_t weight2 = attention * setup.weight[2][index];
+        const acc_t weight3 = attention * setup.weight[3][index];
         acc_t dot0 = 0, dot1 = 0, dot2 = 0, dot3 = 0;
         // Corners may share the zero row (all weight 0), so the updates go one after another, not in parallel.
         for (int64_t channel = 0; channel < head_dim; ++channel) {
@@ -643,36 +628,55 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
           dot1 += g * static_cast<acc_t>(value1[channel]);
           dot2 += g * static_cast<acc_t>(value2[channel]);
           dot3 += g * static_cast<acc_t>(value3[channel]);
-          grad0[channel] += corner_weight[0] * g;
-          grad1[channel] += corner_weight[1] * g;
-          grad2[channel] += corner_weight[2] * g;
-          grad3[channel] += corner_weight[3] * g;
+          grad0[channel] += weight0 * g;
+          grad1[channel] += weight1 * g;
+          grad2[channel] += weight2 * g;
+          grad3[channel] += weight3 * g;
         }
-        corner_dot[0][lane] = dot0;
-        corner_dot[1][lane] = dot1;
-        corner_dot[2][lane] = dot2;
-        corner_dot[3][lane] = dot3;
+        dot_sums[0] = dot0;
+        dot_sums[1] = dot1;
+        dot_sums[2] = dot2;
+        dot_sums[3] = dot3;
       }
-#if MSDA_HAVE_VECTOR_EXTENSIONS
-      if constexpr (kVectorPath) {
+    }
+    // The block's location and weight gradients, kChunk samples per vector step through the header's
+    // bilinear_gradient: d_sample = sum_c weight_c * dot_c (the attention-weight gradient) and the pixel-coordinate
+    // gradients, times W (H) for the normalised location and times the attention weight.
+    for (int64_t index = 0; index < block_samples; ++index) {
+      block_attention_acc[index] = static_cast<acc_t>(block_attention[index]);
+    }
+    using setup_vec_t = typename SetupLanes<acc_t>::vec_t;
+    for (int64_t chunk_first = 0; chunk_first < block_samples; chunk_first += kChunk) {
+      setup_vec_t dot[4];
+      const acc_t* chunk_dots = block_dots.data() + 4 * chunk_first;
+      if constexpr (kChunk == 8 && std::is_same_v<acc_t, float>) {
+        // (sample, corner) -> one vector per corner: p01 = [s0 c0..c3 | s1 c0..c3], ...
+        const float8_t p01 = load_vector<float8_t>(chunk_dots);
+        const float8_t p23 = load_vector<float8_t>(chunk_dots + 8);
+        const float8_t p45 = load_vector<float8_t>(chunk_dots + 16);
+        const float8_t p67 = load_vector<float8_t>(chunk_dots + 24);
+        // [s0c0 s2c0 s0c1 s2c1 | s1c0 s3c0 s1c1 s3c1], [s0c2 s2c2 s0c3 s2c3 | s1c2 s3c2 s1c3 s3c3], likewise s4..s7
+        const float8_t t0 = __builtin_shufflevector(p01, p23, 0, 8, 1, 9, 4, 12, 5, 13);
+        const float8_t t1 = __builtin_shufflevector(p01, p23, 2, 10, 3, 11, 6, 14, 7, 15);
+        const float8_t t2 = __builtin_shufflevector(p45, p67, 0, 8, 1, 9, 4, 12, 5, 13);
+        const float8_t t3 = __builtin_shufflevector(p45, p67, 2, 10, 3, 11, 6, 14, 7, 15);
+        // corner c over samples in the order [s0 s2 s4 s6 | s1 s3 s5 s7], then back to s0..s7
+        const float8_t by_corner[4] = {__builtin_shufflevector(t0, t2, 0, 1, 8, 9, 4, 5, 12, 13),
+                                       __builtin_shufflevector(t0, t2, 2, 3, 10, 11, 6, 7, 14, 15),
+                                       __builtin_shufflevector(t1, t3, 0, 1, 8, 9, 4, 5, 12, 13),
+                                       __builtin_shufflevector(t1, t3, 2, 3, 10, 11, 6, 7, 14, 15)};
         for (int corner = 0; corner < 4; ++corner) {
-          if constexpr (std::is_same_v<channel_vec_t, float8_t> && kChunk == 8) {
-            store_vector(corner_dot[corner], lane_sums_of_eight(raw_dot[corner]));
-          } else {
-            for (int lane = 0; lane < kChunk; ++lane) {
-              corner_dot[corner][lane] = horizontal_sum<channel_vec_t, Vector::kLanes>(raw_dot[corner][lane]);
-            }
-          }
+          dot[corner] = __builtin_shufflevector(by_corner[corner], by_corner[corner], 0, 4, 1, 5, 2, 6, 3, 7);
         }
+      } else {
+        alignas(32) acc_t corner_dot[4][kChunk];
+        for (int lane = 0; lane < kChunk; ++lane) {
+          for (int corner = 0; corner < 4; ++corner) corner_dot[corner][lane] = chunk_dots[4 * lane + corner];
+        }
+        for (int corner = 0; corner < 4; ++corner) dot[corner] = load_vector<setup_vec_t>(corner_dot[corner]);
       }
-#endif
-      // The chunk's gradients, all lanes at once: d_sample = sum_c weight_c * dot_c (the attention-weight gradient)
-      // and the pixel-coordinate gradients, times W (H) for the normalised location and times the attention weight.
-      using setup_vec_t = typename SetupLanes<acc_t>::vec_t;
-      using setup_ivec_t = typename SetupLanes<acc_t>::ivec_t;
-      setup_vec_t dot[4], weight[4];
+      setup_vec_t weight[4];
       for (int corner = 0; corner < 4; ++corner) {
-        dot[corner] = load_vector<setup_vec_t>(corner_dot[corner]);
         weight[corner] = load_vector<setup_vec_t>(setup.weight[corner].data() + chunk_first);
       }
       setup_vec_t d_sample, d_x, d_y;
@@ -682,17 +686,19 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
       const setup_vec_t attention = load_vector<setup_vec_t>(block_attention_acc.data() + chunk_first);
       const setup_vec_t d_loc_x = attention * (d_x * load_vector<setup_vec_t>(table.width_f.data() + chunk_first));
       const setup_vec_t d_loc_y = attention * (d_y * load_vector<setup_vec_t>(table.height_f.data() + chunk_first));
-      // Samples with no corner inside the map have exactly zero gradients (also for non-finite grad_output).
-      const setup_ivec_t inside = load_vector<setup_ivec_t>(setup.inside.data() + chunk_first);
-      alignas(32) acc_t out_sample[kChunk], out_x[kChunk], out_y[kChunk];
-      store_vector(out_sample, (setup_vec_t)((setup_ivec_t)d_sample & inside));
-      store_vector(out_x, (setup_vec_t)((setup_ivec_t)d_loc_x & inside));
-      store_vector(out_y, (setup_vec_t)((setup_ivec_t)d_loc_y & inside));
-      for (int lane = 0; lane < chunk_count; ++lane) {
-        const int64_t index = chunk_first + lane;
-        block_grad_attention[index] = scalar_t(out_sample[lane]);
-        block_grad_locations[2 * index] = scalar_t(out_x[lane]);
-        block_grad_locations[2 * index + 1] = scalar_t(out_y[lane]);
+      // The buffers are padded to whole vectors; lanes past the block's end are never copied out.
+      if constexpr (kChunk == 8 && std::is_same_v<scalar_t, float>) {
+        store_vector(block_grad_attention.data() + chunk_first, d_sample);
+        store_vector(block_grad_locations.data() + 2 * chunk_first,
+                     __builtin_shufflevector(d_loc_x, d_loc_y, 0, 8, 1, 9, 2, 10, 3, 11));
+        store_vector(block_grad_locations.data() + 2 * chunk_first + 8,
+                     __builtin_shufflevector(d_loc_x, d_loc_y, 4, 12, 5, 13, 6, 14, 7, 15));
+      } else {
+        for (int lane = 0; lane < kChunk; ++lane) {
+          block_grad_attention[chunk_first + lane] = scalar_t(d_sample[lane]);
+          block_grad_locations[2 * (chunk_first + lane)] = scalar_t(d_loc_x[lane]);
+          block_grad_locations[2 * (chunk_first + lane) + 1] = scalar_t(d_loc_y[lane]);
+        }
       }
     }
     for (int64_t query = first_query; query < last_query; ++query) {
