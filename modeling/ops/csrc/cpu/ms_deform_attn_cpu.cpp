@@ -344,6 +344,37 @@ MSDA_ALWAYS_INLINE void copy_run(T* target, const T* source, int64_t count) {
   for (; index < count; ++index) target[index] = source[index];
 }
 
+// Requests the per-query inputs of the queries [first_query, last_query) of (batch_index, head): their runs of
+// locations and attention weights and, when given, their grad_output rows. These runs are strided (one per query,
+// hundreds of bytes apart), which the hardware prefetchers follow poorly; fetched while the current block computes,
+// they are in cache when the next block gathers them.
+template <typename scalar_t>
+MSDA_ALWAYS_INLINE void prefetch_block_inputs(const Problem& problem, const scalar_t* sampling_locations,
+                                              const scalar_t* attention_weights, const scalar_t* grad_output,
+                                              int64_t batch_index, int64_t head, int64_t first_query,
+                                              int64_t last_query) {
+  const int64_t samples_per_head = problem.num_levels * problem.num_points;
+  const int64_t location_bytes = 2 * samples_per_head * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t attention_bytes = samples_per_head * static_cast<int64_t>(sizeof(scalar_t));
+  const int64_t grad_bytes = problem.head_dim * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t query = first_query; query < last_query; ++query) {
+    const int64_t sample = batch_index * problem.sample_batch_stride + query * problem.sample_query_stride +
+                           head * problem.sample_head_stride;
+    const char* locations = reinterpret_cast<const char*>(sampling_locations + 2 * sample);
+    const char* attention = reinterpret_cast<const char*>(attention_weights + sample);
+    for (int64_t byte = 0; byte < location_bytes; byte += 64) __builtin_prefetch(locations + byte);
+    __builtin_prefetch(locations + location_bytes - 1);
+    for (int64_t byte = 0; byte < attention_bytes; byte += 64) __builtin_prefetch(attention + byte);
+    __builtin_prefetch(attention + attention_bytes - 1);
+    if (grad_output != nullptr) {
+      const char* grad = reinterpret_cast<const char*>(
+          grad_output + ((batch_index * problem.num_queries + query) * problem.num_heads + head) * problem.head_dim);
+      for (int64_t byte = 0; byte < grad_bytes; byte += 64) __builtin_prefetch(grad + byte);
+      __builtin_prefetch(grad + grad_bytes - 1);
+    }
+  }
+}
+
 // Copies value[b, :, head, :] of the dense (B, S, h, D) input into `rows` as S contiguous rows plus one zero row
 // (row S): the kernels point corners outside the map at it (weight 0) instead of branching. `rows` is a per-thread
 // buffer reused across calls (no allocation or page faults), and the copy leaves the head's rows warm in cache.
@@ -415,6 +446,10 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
     }
     setup_samples<false, scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
                                           block_attention.data(), table, zero_row, row_stride, setup);
+    if (block_item + 1 < end && last_query < problem.num_queries) {
+      prefetch_block_inputs<scalar_t>(problem, sampling_locations, attention_weights, nullptr, batch_index, head,
+                                      last_query, std::min(last_query + kQueryBlock, problem.num_queries));
+    }
     if (batch_index * problem.num_heads + head != copied_task) {
       copied_task = batch_index * problem.num_heads + head;
       head_value = copy_head_rows<scalar_t, kHeadDim>(problem, value, batch_index, head, head_dim, head_rows);
@@ -554,6 +589,10 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
     }
     setup_samples<true, scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
                                          static_cast<const scalar_t*>(nullptr), table, zero_row, row_stride, setup);
+    if (last_query < problem.num_queries) {
+      prefetch_block_inputs<scalar_t>(problem, sampling_locations, attention_weights, grad_output, batch_index, head,
+                                      last_query, std::min(last_query + kQueryBlock, problem.num_queries));
+    }
     const int64_t block_samples = (last_query - first_query) * samples_per_head;
     // Per query (its grad_output row stays in registers), per sample: the four <grad_output, corner row> dot
     // products and the four grad_value row updates in one sweep over the channels; the dot products' channel sums
