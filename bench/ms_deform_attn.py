@@ -1,9 +1,9 @@
 """Benchmark: compiled multi-scale deformable attention against the grid_sample reference, in one process.
 
 Mask2Former pixel-decoder encoder shapes: levels at strides 8, 16, 32 of the input, 8 heads x 32 channels, 4 points,
-one query per value position. Prints min and median milliseconds of forward and forward+backward for both paths,
-their ratios, and the distance of our forward from a memory-bandwidth floor (bytes the forward must move / a
-measured copy bandwidth).
+one query per value position. Prints min and median milliseconds of forward and forward+backward for both paths
+(ours and the reference timed alternately, so drifting machine speed affects both alike), their ratios, and the
+distance of our forward from a memory-bandwidth floor (bytes the forward must move / a measured copy bandwidth).
 
     python bench/ms_deform_attn.py                       # 512 and 1024 inputs, batch 1 and 2, 1 and 2 threads
     python bench/ms_deform_attn.py --sizes 512 --repeats 20 --threads 1 2
@@ -76,6 +76,27 @@ def time_call(function, repeats: int, device: str) -> tuple[float, float]:
     return min(times), statistics.median(times)
 
 
+def time_pair(ours, reference, repeats: int, device: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(min, median) milliseconds of ``ours()`` and of ``reference()``, timed alternately.
+
+    Alternating the two keeps their ratio honest on a machine whose speed drifts (shared hosts): both see the same
+    conditions, instead of one block of repetitions each.
+    """
+    ours()
+    reference()
+    times = ([], [])
+    for _ in range(repeats):
+        for index, function in enumerate((ours, reference)):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            function()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[index].append((time.perf_counter() - start) * 1e3)
+    return tuple((min(values), statistics.median(values)) for values in times)
+
+
 def copy_bandwidth_gbs(device: str) -> float:
     """Read+write bandwidth of a 64 MiB tensor copy, in GB/s (the floor's denominator)."""
     source = torch.empty(16 * 1024 * 1024, device=device)
@@ -115,10 +136,8 @@ def run_case(
         output = multi_scale_deformable_attention_reference(value, shapes, locations, weights)
         return torch.autograd.grad(output, (value, locations, weights), grad_output)
 
-    ours_fwd = time_call(ours_forward, repeats, device)
-    ref_fwd = time_call(reference_forward, repeats, device)
-    ours_both = time_call(ours_forward_backward, repeats, device)
-    ref_both = time_call(reference_forward_backward, repeats, device)
+    ours_fwd, ref_fwd = time_pair(ours_forward, reference_forward, repeats, device)
+    ours_both, ref_both = time_pair(ours_forward_backward, reference_forward_backward, repeats, device)
     floor_ms = forward_bytes(value, locations, weights) / (bandwidth * 1e9) * 1e3
     print(
         f"{image_size:>5} {batch_size:>2} {torch.get_num_threads():>2} | "
