@@ -72,11 +72,23 @@ if EXTENSION_AVAILABLE:
         attention_weights: torch.Tensor,
         grad_output: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return (
-            value.new_empty(value.shape),
-            sampling_locations.new_empty(sampling_locations.shape),
-            attention_weights.new_empty(attention_weights.shape),
-        )
+        if value.device.type != "cpu":
+            return (
+                value.new_empty(value.shape),
+                sampling_locations.new_empty(sampling_locations.shape),
+                attention_weights.new_empty(attention_weights.shape),
+            )
+        # The CPU kernel stores the location and weight gradients head-major and returns (B, Q, h, L, P[, 2]) views.
+        batch_size, num_queries, num_heads, num_levels, num_points = attention_weights.shape
+        # (h, B, Q, L, P, 2) -> (B, Q, h, L, P, 2)
+        grad_locations = sampling_locations.new_empty(
+            (num_heads, batch_size, num_queries, num_levels, num_points, 2)
+        ).permute(1, 2, 0, 3, 4, 5)
+        # (h, B, Q, L, P) -> (B, Q, h, L, P)
+        grad_weights = attention_weights.new_empty(
+            (num_heads, batch_size, num_queries, num_levels, num_points)
+        ).permute(1, 2, 0, 3, 4)
+        return value.new_empty(value.shape), grad_locations, grad_weights
 
     def _setup_context(ctx, inputs, output) -> None:
         value, spatial_shapes, sampling_locations, attention_weights = inputs

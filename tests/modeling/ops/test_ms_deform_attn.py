@@ -147,6 +147,24 @@ def test_opcheck():
     )
 
 
+def test_backward_fake_gives_the_real_strides():
+    """The CPU backward returns head-major location/weight gradients as (B, Q, h, ...) views; the fake must agree."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    value, locations, weights = make_inputs(shapes=[(3, 4), (2, 1)], num_queries=5, num_heads=3, head_dim=4)
+    shapes = torch.tensor([(3, 4), (2, 1)])
+    grad_output = torch.randn(2, 5, 3 * 4, dtype=torch.float64)
+    inputs = (value.detach(), shapes, locations.detach(), weights.detach(), grad_output)
+    real = torch.ops.mask2former.ms_deform_attn_backward(*inputs)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.mask2former.ms_deform_attn_backward(*(mode.from_tensor(tensor) for tensor in inputs))
+    for real_tensor, fake_tensor in zip(real, fake):
+        assert real_tensor.shape == fake_tensor.shape
+        assert real_tensor.stride() == fake_tensor.stride()
+    # (h, B, Q, L, P, 2) storage: the heads are the outermost dimension
+    assert real[1].stride(2) == real[1].numel() // 3
+
+
 def test_outside_points_and_exact_integer_coordinates():
     """Corners on the border, points fully outside, and integer pixel coordinates (grid_sample's floor rule)."""
     shapes = [(4, 8), (2, 4)]
