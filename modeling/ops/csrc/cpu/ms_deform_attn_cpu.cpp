@@ -395,7 +395,8 @@ MSDA_ALWAYS_INLINE const scalar_t* copy_head_rows(const Problem& problem, const 
   const int64_t row_bytes = head_dim * static_cast<int64_t>(sizeof(scalar_t));
   for (int64_t position = 0; position < problem.num_values; ++position) {
     if (position + kPrefetchRows < problem.num_values) {
-      const char* ahead = reinterpret_cast<const char*>(source + (position + kPrefetchRows) * problem.value_row_stride);
+      const scalar_t* ahead_row = source + (position + kPrefetchRows) * problem.value_row_stride;
+      const char* ahead = reinterpret_cast<const char*>(ahead_row);
       for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(ahead + byte);
     }
     if constexpr (kHeadDim > 0) {
@@ -480,7 +481,8 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
         // sweep: the first line of the top and of the bottom row pair (the hardware fetches the adjacent lines;
         // requesting all four lines of each pair measured 7% slower; two queries ahead was 5% faster than one).
         if (query + 2 < last_query) {
-          for (int64_t index = first_index + 2 * samples_per_head; index < first_index + 3 * samples_per_head; ++index) {
+          const int64_t ahead_index = first_index + 2 * samples_per_head;
+          for (int64_t index = ahead_index; index < ahead_index + samples_per_head; ++index) {
             __builtin_prefetch(head_value + setup.row[0][index]);
             __builtin_prefetch(head_value + setup.row[2][index]);
           }
@@ -756,7 +758,8 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
       }
     }
     // The block's gradients are one run of the task's head-major (h, B, Q, L, P[, 2]) region.
-    const int64_t target = ((head * problem.batch + batch_index) * problem.num_queries + first_query) * samples_per_head;
+    const int64_t target =
+        ((head * problem.batch + batch_index) * problem.num_queries + first_query) * samples_per_head;
     std::memcpy(grad_sampling_locations + 2 * target, block_grad_locations.data(),
                 2 * block_samples * sizeof(scalar_t));
     std::memcpy(grad_attention_weights + target, block_grad_attention.data(), block_samples * sizeof(scalar_t));
@@ -930,9 +933,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   };
   // (B, S, h, D)
   auto grad_value = allocate(value_in.sizes(), value_in.options());
-  // The location and weight gradients are stored head-major, (h, B, Q, L, P[, 2]), and returned as (B, Q, h, L, P[, 2])
-  // views: each (batch, head) task then writes one contiguous run instead of a short run per query, strided across
-  // lines shared with other heads (12% faster backward). register_fake in ms_deform_attn.py gives the same strides.
+  // The location and weight gradients are stored head-major, (h, B, Q, L, P[, 2]), and returned as
+  // (B, Q, h, L, P[, 2]) views: each (batch, head) task then writes one contiguous run instead of a short run per
+  // query, strided across lines shared with other heads (~10% faster backward). register_fake in ms_deform_attn.py
+  // gives the same strides.
   const auto locations_sizes = sampling_locations.sizes();
   auto grad_sampling_locations =
       allocate({locations_sizes[2], locations_sizes[0], locations_sizes[1], locations_sizes[3], locations_sizes[4], 2},
