@@ -61,18 +61,21 @@ def make_inputs(image_size: int, batch_size: int, device: str, dtype: torch.dtyp
     return tensors[0], spatial_shapes, tensors[1], tensors[2]
 
 
+def time_once(function, device: str) -> float:
+    """Wall time of one ``function()`` call in milliseconds (synchronised on CUDA)."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    function()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3
+
+
 def time_call(function, repeats: int, device: str) -> tuple[float, float]:
     """(min, median) wall time of ``function()`` in milliseconds, after one warm-up call."""
     function()
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        function()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
+    times = [time_once(function, device) for _ in range(repeats)]
     return min(times), statistics.median(times)
 
 
@@ -86,14 +89,8 @@ def time_pair(ours, reference, repeats: int, device: str) -> tuple[tuple[float, 
     reference()
     times = ([], [])
     for _ in range(repeats):
-        for index, function in enumerate((ours, reference)):
-            if device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            function()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[index].append((time.perf_counter() - start) * 1e3)
+        times[0].append(time_once(ours, device))
+        times[1].append(time_once(reference, device))
     return tuple((min(values), statistics.median(values)) for values in times)
 
 
