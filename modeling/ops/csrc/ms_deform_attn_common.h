@@ -128,7 +128,7 @@ MSDA_HOST_DEVICE MSDA_INLINE bool bilinear_sample(
   sample.valid[2] = y1_in && x0_in;
   sample.valid[3] = y1_in && x1_in;
   corner_weights<acc_t>(fx, fy, sample.weight);
-MSDA_UNROLL
+  MSDA_UNROLL
   for (int corner = 0; corner < 4; ++corner) {
     if (!sample.valid[corner]) sample.weight[corner] = acc_t(0);
   }

@@ -79,13 +79,14 @@ struct AccType {
   using type = scalar_t;
 };
 
-// Queries per block (a forward work item; the unit of setup and gathering in both passes). Measured at the encoder
-// shapes of bench/ms_deform_attn.py: 8 was 7% faster than 32 in both passes, 4 and 16 in between.
-constexpr int64_t kQueryBlock = 8;
 template <>
 struct AccType<c10::BFloat16> {
   using type = float;
 };
+
+// Queries per block (a forward work item; the unit of setup and gathering in both passes). Measured at the encoder
+// shapes of bench/ms_deform_attn.py: 8 was 7% faster than 32 in both passes, 4 and 16 in between.
+constexpr int64_t kQueryBlock = 8;
 
 #if defined(__GNUC__) || defined(__clang__)
 #define MSDA_HAVE_VECTOR_EXTENSIONS 1
@@ -331,18 +332,24 @@ MSDA_ALWAYS_INLINE void setup_samples(int64_t count, const scalar_t* locations, 
   }
 }
 
-// Copies `count` elements in 32-byte moves that stay inline: the runs gathered per query are short (tens of
-// elements), where a libc call per run costs more than the copy.
-template <typename T>
-MSDA_ALWAYS_INLINE void copy_run(T* target, const T* source, int64_t count) {
-  constexpr int64_t kChunkElements = 32 / sizeof(T);
-  int64_t index = 0;
-  for (; index + kChunkElements <= count; index += kChunkElements) {
-    unsigned char chunk[32];
-    std::memcpy(chunk, source + index, sizeof(chunk));
-    std::memcpy(target + index, chunk, sizeof(chunk));
+// Gathers the locations and attention weights of the queries [first_query, last_query) of (batch_index, head) from
+// the (B, Q, h, L, P[, 2]) inputs into contiguous runs, L * P samples per query, which setup_samples then reads as
+// whole vectors. memcpy, not inline 32-byte moves: a vector load spanning several separate smaller stores could not be
+// forwarded from the store buffer (measured slower in the forward, the same in the backward).
+template <typename scalar_t>
+MSDA_ALWAYS_INLINE void gather_block_inputs(const Problem& problem, const scalar_t* sampling_locations,
+                                            const scalar_t* attention_weights, int64_t batch_index, int64_t head,
+                                            int64_t first_query, int64_t last_query, scalar_t* block_locations,
+                                            scalar_t* block_attention) {
+  const int64_t samples_per_head = problem.num_levels * problem.num_points;
+  for (int64_t query = first_query; query < last_query; ++query) {
+    const int64_t source = batch_index * problem.sample_batch_stride + query * problem.sample_query_stride +
+                           head * problem.sample_head_stride;
+    const int64_t target = (query - first_query) * samples_per_head;
+    std::memcpy(block_locations + 2 * target, sampling_locations + 2 * source,
+                2 * samples_per_head * sizeof(scalar_t));
+    std::memcpy(block_attention + target, attention_weights + source, samples_per_head * sizeof(scalar_t));
   }
-  for (; index < count; ++index) target[index] = source[index];
 }
 
 // Requests the per-query inputs of the queries [first_query, last_query) of (batch_index, head): their runs of
@@ -443,17 +450,8 @@ MSDA_ALWAYS_INLINE void forward_rows(const Problem& problem, const scalar_t* val
     const int64_t head = (block_item / num_blocks) % problem.num_heads;
     const int64_t first_query = (block_item % num_blocks) * kQueryBlock;
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
-    const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
-                                       first_query * problem.sample_query_stride + head * problem.sample_head_stride;
-    for (int64_t query = first_query; query < last_query; ++query) {
-      const int64_t source = block_first_sample + (query - first_query) * problem.sample_query_stride;
-      const int64_t target = (query - first_query) * samples_per_head;
-      // memcpy, not copy_run: setup_samples reads these runs back as whole vectors, and a vector load spanning
-      // copy_run's separate stores could not be forwarded from the store buffer (measured slower).
-      std::memcpy(block_locations.data() + 2 * target, sampling_locations + 2 * source,
-                  2 * samples_per_head * sizeof(scalar_t));
-      std::memcpy(block_attention.data() + target, attention_weights + source, samples_per_head * sizeof(scalar_t));
-    }
+    gather_block_inputs(problem, sampling_locations, attention_weights, batch_index, head, first_query, last_query,
+                        block_locations.data(), block_attention.data());
     setup_samples<false, scalar_t, acc_t>((last_query - first_query) * samples_per_head, block_locations.data(),
                                           block_attention.data(), table, zero_row, row_stride, setup);
     if (block_item + 1 < end && last_query < problem.num_queries) {
@@ -580,13 +578,9 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
 
   for (int64_t first_query = 0; first_query < problem.num_queries; first_query += kQueryBlock) {
     const int64_t last_query = std::min(first_query + kQueryBlock, problem.num_queries);
-    const int64_t block_first_sample = batch_index * problem.sample_batch_stride +
-                                       first_query * problem.sample_query_stride + head * problem.sample_head_stride;
+    gather_block_inputs(problem, sampling_locations, attention_weights, batch_index, head, first_query, last_query,
+                        block_locations.data(), block_attention.data());
     for (int64_t query = first_query; query < last_query; ++query) {
-      const int64_t source = block_first_sample + (query - first_query) * problem.sample_query_stride;
-      const int64_t target = (query - first_query) * samples_per_head;
-      copy_run(block_locations.data() + 2 * target, sampling_locations + 2 * source, 2 * samples_per_head);
-      copy_run(block_attention.data() + target, attention_weights + source, samples_per_head);
       const scalar_t* grad_output_row =
           grad_output + (batch_index * problem.num_queries + query) * output_row_stride + head * head_dim;
       acc_t* grad_row = block_grad_output.data() + (query - first_query) * head_dim;
