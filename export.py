@@ -33,10 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mask2former.utils.optional import require
+
 STRIDE = 32  # height and width of the exported graph are multiples of the backbone's coarsest stride
 INPUT_NAMES = ("pixel_values",)
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits")
-_INSTALL_HINT = "install the export extras: pip install 'mask2former[export]' (onnx, onnxscript, onnxruntime)"
 
 
 class Mask2FormerInferenceGraph(nn.Module):
@@ -173,10 +174,7 @@ def _force_reference_backend() -> contextlib.AbstractContextManager[None]:
 
 def _require_onnx() -> None:
     for module in ("onnx", "onnxscript"):
-        try:
-            __import__(module)
-        except ImportError as error:
-            raise ImportError(f"ONNX export needs `{module}`; {_INSTALL_HINT}") from error
+        require(module, "ONNX export")
 
 
 def export_onnx(
@@ -247,10 +245,7 @@ class OnnxRuntimeMask2Former:
     """
 
     def __init__(self, path: str | Path, providers: list[str] | None = None, num_threads: int | None = None) -> None:
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise ImportError(f"running ONNX files needs `onnxruntime`; {_INSTALL_HINT}") from error
+        onnxruntime = require("onnxruntime", "running ONNX files")
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"no ONNX file at {path}; write one with mask2former.export.export_onnx first")

@@ -17,11 +17,13 @@ import json
 import sys
 from pathlib import Path
 
+from mask2former.processing.tasks import TASKS
+
 HELP = "Score panoptic / instance / semantic prediction files (PQ, mask AP, mIoU) and print the metrics as JSON."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=("panoptic", "instance", "semantic"))
+    parser.add_argument("--task", required=True, choices=TASKS)
     parser.add_argument("--ground-truth", required=True, type=Path, help="a COCO root or an ADE20K root")
     parser.add_argument("--split", default="val2017", help="COCO: val2017 (default); ADE20K: validation")
     parser.add_argument(

@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mask2former.processing.tasks import TASKS
+
 HELP = "segment images (files or folders) and write overlay PNGs and JSON results"
 
-TASKS = ("panoptic", "instance", "semantic")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 

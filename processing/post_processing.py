@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from ..utils.optional import require
+
 # Chunk of masks upsampled at once for binary maps and RLE, to bound memory at (chunk, H, W).
 _DENSE_CHUNK = 16
 
@@ -589,14 +591,7 @@ def _empty_result(geometry: ImageGeometry, fill: int, binary: bool, device: torc
 
 
 def _pycocotools_mask() -> Any:
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "`return_coco_annotation=True` needs pycocotools: `pip install pycocotools` (or `pip install "
-            "mask2former[coco]`)."
-        ) from error
-    return mask_utils
+    return require("pycocotools.mask", "`return_coco_annotation=True`")
 
 
 def _encode_rle(mask_utils: Any, masks: torch.Tensor) -> list[dict[str, Any]]:

@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..processing.tasks import TASKS
+
 Record = dict[str, Any]
-TASKS = ("panoptic", "instance", "semantic")
 # class given to void pixels so that the processor's mask for them can be recognised and dropped, whatever its
 # ignore_index is
 _VOID_CLASS = -1

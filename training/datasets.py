@@ -44,32 +44,24 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..processing.tasks import TASKS
+from ..utils.optional import require
+
 logger = logging.getLogger(__name__)
 
 SYNTHETIC_SOURCE = "synthetic-shapes"
-TASKS = ("panoptic", "instance", "semantic")
 ANNOTATION_FORMATS = ("coco_panoptic", "coco_instance", "semantic", "instance_channels")
 _INFO_KEY = "mask2former_label_info"
-_DATASETS_HINT = "the `datasets` package is needed for data loading: pip install 'mask2former[train]'"
-_PYCOCOTOOLS_HINT = "pycocotools is needed for COCO instance masks: pip install 'mask2former[train]'"
 
 Record = dict[str, Any]
 
 
 def _require_datasets():
-    try:
-        import datasets
-    except ImportError as error:  # pragma: no cover - exercised only without the extra
-        raise ImportError(_DATASETS_HINT) from error
-    return datasets
+    return require("datasets", "data loading")
 
 
 def _require_mask_utils():
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError as error:  # pragma: no cover
-        raise ImportError(_PYCOCOTOOLS_HINT) from error
-    return mask_utils
+    return require("pycocotools.mask", "decoding COCO instance masks")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

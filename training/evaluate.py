@@ -46,19 +46,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..utils.optional import require
 from .datasets import LabelInfo, load_dataset_for_segmentation, rgb_to_id, segmentation_label_info, semantic_label_map
-
-_PYCOCOTOOLS_HINT = "pycocotools is needed for mask AP: pip install 'mask2former[train]'"
 
 
 def _require_pycocotools():
-    try:
-        from pycocotools import mask as mask_utils
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError as error:  # pragma: no cover - only without the extra
-        raise ImportError(_PYCOCOTOOLS_HINT) from error
-    return mask_utils, COCO, COCOeval
+    return (
+        require("pycocotools.mask", "mask AP"),
+        require("pycocotools.coco", "mask AP").COCO,
+        require("pycocotools.cocoeval", "mask AP").COCOeval,
+    )
 
 
 def _to_numpy(array: Any) -> np.ndarray:

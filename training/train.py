@@ -43,13 +43,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..processing.tasks import TASKS
+
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 CHECKPOINTS_DIRNAME = "checkpoints"
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-"
 PRETRAINED_DIRNAME = "pretrained"
 MIXED_PRECISION_CHOICES = ("no", "fp16", "bf16")
-TASKS = ("panoptic", "instance", "semantic")
 # Short aliases people type for the paper's backbones.
 _RECIPE_ALIASES = {"swin-tiny": "swin-t", "swin-small": "swin-s", "swin-base": "swin-b", "swin-large": "swin-l"}
 
