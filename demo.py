@@ -75,9 +75,10 @@ def segment_held_out(output_dir: Path, recipe_name: str, num_overlays: int) -> d
 
     from mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
     from mask2former.processing.visualization import draw_panoptic_segmentation
+    from mask2former.training.build_data import build_data
     from mask2former.training.evaluate import build_evaluator
-    from mask2former.training.train import build_data, load_recipe, post_process, resolve_settings
     from mask2former.training.train import build_parser as build_train_parser
+    from mask2former.training.train import load_recipe, post_process, resolve_settings
 
     model_dir = output_dir / "model"
     model = Mask2FormerForUniversalSegmentation.from_pretrained(model_dir).eval()
