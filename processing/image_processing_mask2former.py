@@ -15,25 +15,29 @@ transformers. Differences from transformers' processor, on purpose:
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature, get_size_dict
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs
 
+from ..modeling.padding import valid_sizes
 from . import post_processing
+from .image_inputs import (
+    as_list,
+    per_image,
+    resize_image,
+    resize_nearest,
+    shortest_edge_size,
+    to_image_tensor,
+    to_map_tensor,
+)
+from .label_encoding import encode_segmentation_map, lazily_zeroed
 
 _DEFAULT_LONGEST_EDGE = 1333
-_RESAMPLE_MODES = {
-    PILImageResampling.NEAREST: "nearest-exact",
-    PILImageResampling.BILINEAR: "bilinear",
-    PILImageResampling.BICUBIC: "bicubic",
-}
 
 
 class Mask2FormerImageProcessorKwargs(ImagesKwargs, total=False):
@@ -107,17 +111,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         legacy_max_size = kwargs.pop("_max_size", None)
         max_size = max_size or legacy_max_size or _DEFAULT_LONGEST_EDGE
         size = kwargs.pop("size", None)
-        if size is None:
-            size = dict(self.size)
-        elif isinstance(size, int):
-            size = {"shortest_edge": size}
-        elif isinstance(size, (list, tuple)):
-            size = {"height": size[0], "width": size[1]}
-        else:
-            size = dict(size)
-        if size.get("shortest_edge") and not size.get("longest_edge"):
-            size["longest_edge"] = max_size
-        kwargs["size"] = size
+        kwargs["size"] = _size_dict(dict(self.size) if size is None else size, max_size)
         super().__init__(**kwargs)
         self._set_attributes(**kwargs)
 
@@ -153,7 +147,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         size = SizeDict(**dict(size if size is not None else self.size))
         size_divisor = self.size_divisor if size_divisor is None else size_divisor
         if size.shortest_edge:
-            new_height, new_width = _shortest_edge_size(
+            new_height, new_width = shortest_edge_size(
                 height, width, size.shortest_edge, size.longest_edge or _DEFAULT_LONGEST_EDGE
             )
         elif size.height and size.width:
@@ -221,7 +215,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         if unknown:
             raise ValueError(f"unexpected argument(s) {sorted(unknown)} for {type(self).__name__}.preprocess.")
         do_resize = self.do_resize if do_resize is None else do_resize
-        size = self.size if size is None else Mask2FormerImageProcessor(size=size).size
+        size = self.size if size is None else SizeDict(**get_size_dict(_size_dict(size), default_to_square=False))
         size_divisor = self.size_divisor if size_divisor is None else size_divisor
         resample = self.resample if resample is None else resample
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
@@ -235,10 +229,10 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         if do_reduce_labels and ignore_index is None:
             raise ValueError("`do_reduce_labels=True` needs an `ignore_index` (e.g. 255) for the former 0 pixels.")
 
-        image_list = [_to_image_tensor(image, device) for image in _as_list(images, "images")]
+        image_list = [to_image_tensor(image, device) for image in as_list(images, "images")]
         map_list = None
         if segmentation_maps is not None:
-            map_list = [_to_map_tensor(item, device) for item in _as_list(segmentation_maps, "segmentation_maps")]
+            map_list = [to_map_tensor(item, device) for item in as_list(segmentation_maps, "segmentation_maps")]
             if len(map_list) != len(image_list):
                 raise ValueError(f"got {len(image_list)} images but {len(map_list)} segmentation maps; pass one each.")
             for index, (image, segmentation_map) in enumerate(zip(image_list, map_list)):
@@ -251,9 +245,9 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         resized_images, resized_maps = [], []
         for index, image in enumerate(image_list):
             new_size = self.resized_size(*image.shape[-2:], size=size, size_divisor=size_divisor, do_resize=do_resize)
-            resized_images.append(_resize_image(image, new_size, resample))
+            resized_images.append(resize_image(image, new_size, resample))
             if map_list is not None:
-                resized_maps.append(_resize_nearest(map_list[index], new_size))
+                resized_maps.append(resize_nearest(map_list[index], new_size))
 
         mean = torch.as_tensor(image_mean, dtype=torch.float32, device=resized_images[0].device).view(-1, 1, 1)
         std = torch.as_tensor(image_std, dtype=torch.float32, device=resized_images[0].device).view(-1, 1, 1)
@@ -299,7 +293,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
                 )
         maps = None
         if segmentation_maps is not None:
-            maps = [_to_map_tensor(item, None) for item in _as_list(segmentation_maps, "segmentation_maps")]
+            maps = [to_map_tensor(item, None) for item in as_list(segmentation_maps, "segmentation_maps")]
             for index, (image, segmentation_map) in enumerate(zip(images, maps)):
                 if tuple(segmentation_map.shape) != tuple(image.shape[-2:]):
                     raise ValueError(
@@ -343,8 +337,8 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
                 padded_width = math.ceil(padded_width / size_divisor) * size_divisor
         batch_size, channels = len(images), images[0].shape[0]
         device = images[0].device
-        pixel_values = _zeros((batch_size, channels, padded_height, padded_width), torch.float32, device)
-        pixel_mask = _zeros((batch_size, padded_height, padded_width), torch.int64, device)
+        pixel_values = lazily_zeroed((batch_size, channels, padded_height, padded_width), torch.float32, device)
+        pixel_mask = lazily_zeroed((batch_size, padded_height, padded_width), torch.int64, device)
         for index, image in enumerate(images):
             height, width = image.shape[-2:]
             if height > padded_height or width > padded_width:
@@ -365,8 +359,8 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
                 # Padded target pixels are 0: padding is not part of any object.
                 masks, classes = encode_segmentation_map(
                     segmentation_map,
-                    _per_image(instance_id_to_semantic_id, index, "instance_id_to_semantic_id"),
-                    _per_image(segments_info, index, "segments_info", nested=True),
+                    per_image(instance_id_to_semantic_id, index, "instance_id_to_semantic_id"),
+                    per_image(segments_info, index, "segments_info", nested=True),
                     ignore_index=ignore_index,
                     do_reduce_labels=do_reduce_labels,
                     padded_size=(padded_height, padded_width),
@@ -407,10 +401,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
                     f"`pixel_mask` must be (B, H, W) with B={batch_size}, got shape {tuple(pixel_mask.shape)}."
                 )
             input_size = tuple(pixel_mask.shape[-2:])
-            # The valid region is the top-left block of ones: count the rows and columns that hold any.
-            valid_rows = pixel_mask.bool().any(2).sum(1)
-            valid_cols = pixel_mask.bool().any(1).sum(1)
-            image_sizes = torch.stack([valid_rows, valid_cols], 1).tolist()
+            image_sizes = valid_sizes(pixel_mask).tolist()
         elif image_sizes is None and target_sizes is not None:
             if len(target_sizes) != batch_size:
                 raise ValueError(
@@ -499,286 +490,18 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         )
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Label encoding
-# --------------------------------------------------------------------------------------------------------------------
+def _size_dict(size: SizeDict | dict | int | Sequence[int], max_size: int = _DEFAULT_LONGEST_EDGE) -> dict[str, int]:
+    """A `size` argument in any of the forms the Hub configs use -> a size dict.
 
-
-def encode_segmentation_map(
-    segmentation_map: torch.Tensor,
-    instance_id_to_semantic_id: dict[int, int] | None = None,
-    segments_info: list[dict[str, Any]] | None = None,
-    ignore_index: int | None = None,
-    do_reduce_labels: bool = False,
-    padded_size: tuple[int, int] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """An `(H, W)` integer map -> binary masks `(N, H, W)` float and class ids `(N,)` long, one per id present.
-
-    - with `segments_info` (COCO panoptic): one mask per non-crowd segment present, class `category_id`; id 0 is
-      void; any other id must be listed;
-    - with `instance_id_to_semantic_id`: one mask per instance id present (except `ignore_index`), class mapped;
-    - otherwise (semantic): one mask per class id present, except `ignore_index`.
-
-    With `padded_size`, the masks are `(N, *padded_size)` with the map at the top left and zeros elsewhere.
+    An int is the shortest edge, a pair is `(height, width)`; a shortest edge without a longest edge gets
+    ``max_size`` (transformers 4's `max_size`, 1333 by default).
     """
-    if do_reduce_labels:
-        # 0 ("other") becomes ignored, every other label moves down by one.
-        segmentation_map = torch.where(segmentation_map == 0, ignore_index, segmentation_map - 1)
-    device = segmentation_map.device
-    height, width = segmentation_map.shape
-    padded_size = padded_size or (height, width)
-    if segments_info is not None:
-        listed = [0] + [int(info["id"]) for info in segments_info]
-        listed_tensor = torch.tensor(listed, dtype=segmentation_map.dtype, device=device)
-        sorted_ids, order = listed_tensor.sort()
-        # Position of each pixel's id among the listed ids: (H, W) -> (H, W), and whether it is listed at all.
-        position = torch.searchsorted(sorted_ids, segmentation_map).clamp(max=len(listed) - 1)
-        listed_pixels = sorted_ids[position] == segmentation_map
-        if not bool(listed_pixels.all()):
-            missing = torch.unique(segmentation_map[~listed_pixels]).tolist()
-            raise ValueError(
-                f"segment id(s) {missing[:10]} are in the panoptic map but not in its segments_info (ids "
-                f"{listed[1:11]}...); pass the segments_info that belongs to this map."
-            )
-        areas = torch.bincount(order[position].flatten(), minlength=len(listed)).tolist()
-        # Void (0), crowd segments and segments lost by the resize are not targets, as in the original Mask2Former.
-        targets = [info for info, area in zip(segments_info, areas[1:]) if area > 0 and not info.get("iscrowd", 0)]
-        masks = _binary_masks(segmentation_map, [int(info["id"]) for info in targets], padded_size)
-        classes = torch.tensor([int(info["category_id"]) for info in targets], dtype=torch.long, device=device)
-        return masks, classes
-    ids_list = _present_ids(segmentation_map)
-    kept = [segment_id for segment_id in ids_list if ignore_index is None or segment_id != ignore_index]
-    if instance_id_to_semantic_id is not None:
-        mapping = {int(key): int(value) for key, value in instance_id_to_semantic_id.items()}
-        classes = []
-        for segment_id in kept:
-            key = segment_id + 1 if do_reduce_labels else segment_id
-            if key not in mapping:
-                raise ValueError(
-                    f"instance id {key} is in the segmentation map but not in instance_id_to_semantic_id; add "
-                    "it (ids present: " + ", ".join(str(v) for v in ids_list[:20]) + ")."
-                )
-            classes.append(mapping[key] - 1 if do_reduce_labels else mapping[key])
+    if isinstance(size, int):
+        size = {"shortest_edge": size}
+    elif isinstance(size, (list, tuple)):
+        size = {"height": size[0], "width": size[1]}
     else:
-        classes = kept
-    masks = _binary_masks(segmentation_map, kept, padded_size)
-    return masks, torch.tensor(classes, dtype=torch.long, device=device)
-
-
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Zero tensor; on the CPU through numpy's calloc, whose pages are zeroed lazily by the OS (torch.zeros writes
-    them all up front, the main cost of large mask batches)."""
-    if torch.device(device).type != "cpu":
-        return torch.zeros(shape, dtype=dtype, device=device)
-    return torch.from_numpy(np.zeros(shape, dtype=torch.empty(0, dtype=dtype).numpy().dtype))
-
-
-def _binary_masks(segmentation_map: torch.Tensor, ids: list[int], padded_size: tuple[int, int]) -> torch.Tensor:
-    """`(H, W)` map, `N` ids -> `(N, *padded_size)` float masks, zero in the padding."""
-    height, width = segmentation_map.shape
-    num_masks, device = len(ids), segmentation_map.device
-    # One extra mask collects the pixels of no listed id; it is cut off at the end.
-    masks = _zeros((num_masks + 1, *padded_size), torch.float32, device)
-    if num_masks:
-        sorted_ids, order = torch.tensor(ids, dtype=segmentation_map.dtype, device=device).sort()
-        position = torch.searchsorted(sorted_ids, segmentation_map).clamp(max=num_masks - 1)  # (H, W)
-        target = torch.where(sorted_ids[position] == segmentation_map, order[position], num_masks)  # (H, W)
-        # Scatter a 1 per pixel into its mask, instead of comparing every pixel with every id.
-        rows = torch.arange(height, device=device)[:, None] * padded_size[1]
-        pixel = rows + torch.arange(width, device=device)  # (H, W) offsets in a padded mask
-        masks.view(-1).index_fill_(0, (target * (padded_size[0] * padded_size[1]) + pixel).flatten(), 1.0)
-    return masks[:num_masks]
-
-
-def _present_ids(segmentation_map: torch.Tensor) -> list[int]:
-    # Small non-negative ids (class and instance maps): a histogram is much faster than sorting.
-    smallest, largest = segmentation_map.min().item(), segmentation_map.max().item()
-    if smallest >= 0 and largest < 1 << 20:
-        return torch.bincount(segmentation_map.flatten(), minlength=1).nonzero()[:, 0].tolist()
-    return torch.unique(segmentation_map).tolist()
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# Inputs to tensors
-# --------------------------------------------------------------------------------------------------------------------
-
-
-def _as_list(items: Any, name: str) -> list[Any]:
-    if isinstance(items, (list, tuple)):
-        if len(items) == 0:
-            raise ValueError(f"`{name}` is an empty list; pass at least one.")
-        return list(items)
-    if isinstance(items, (np.ndarray, torch.Tensor)) and items.ndim == 4:
-        return list(items)
-    return [items]
-
-
-def _per_image(value: Any, index: int, name: str, nested: bool = False) -> Any:
-    if value is None:
-        return None
-    if nested:
-        # One list of segment dicts for all images, or a list of such lists.
-        if len(value) > 0 and isinstance(value[0], dict):
-            return value
-    elif isinstance(value, dict):
-        return value
-    if index >= len(value):
-        raise ValueError(f"`{name}` has {len(value)} entries; pass one per image.")
-    return value[index]
-
-
-def _load(path: str | os.PathLike) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read an image from {str(path)!r}: {error}") from error
-
-
-def _pil_to_array(image: Any, keep_ids: bool) -> np.ndarray:
-    if keep_ids:
-        # Palette images hold class ids in the palette index; keep them.
-        return np.asarray(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.asarray(image).astype(np.float32) / (257.0 if image.mode.startswith("I;16") else 1.0)
-    if image.mode not in ("RGB", "L", "RGBA", "LA"):
-        image = image.convert("RGBA" if "A" in image.mode or image.mode == "P" else "RGB")
-    return np.asarray(image)
-
-
-def _to_image_tensor(image: Any, device: str | torch.device | None) -> torch.Tensor:
-    """Any supported image -> `(3, H, W)` uint8 or float tensor (0-255 scale)."""
-    from PIL import Image
-
-    if isinstance(image, (str, os.PathLike)):
-        image = _load(image)
-    if isinstance(image, Image.Image):
-        array = _pil_to_array(image, keep_ids=False)
-        tensor = torch.from_numpy(np.array(array, copy=True))
-        channels_last = tensor.ndim == 3
-    elif isinstance(image, (np.ndarray, torch.Tensor)):
-        tensor = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
-        channels_last = None
-    else:
-        raise ValueError(
-            f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array, torch tensor or path."
-        )
-    if tensor.dtype == torch.uint16 or (tensor.dtype == torch.int32 and tensor.max() > 255):
-        tensor = tensor.float() / 257.0  # 16-bit -> 0-255 scale, so that rescale_factor 1/255 still applies
-    elif tensor.dtype == torch.bool or tensor.is_complex():
-        raise ValueError(f"unsupported image dtype {tensor.dtype}; pass uint8, uint16 or float pixels.")
-    if tensor.ndim == 2:
-        tensor = tensor[None]
-    elif tensor.ndim == 3:
-        if channels_last is None:
-            # HWC when the last axis looks like channels, CHW when the first does.
-            channels_last = tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4)
-            if not channels_last and tensor.shape[0] not in (1, 3, 4):
-                raise ValueError(
-                    f"image of shape {tuple(tensor.shape)} has no channel axis of 1, 3 or 4; pass (H, W), (H, W, C) "
-                    "or (C, H, W) with C in 1 (gray), 3 (RGB), 4 (RGBA)."
-                )
-        if channels_last:
-            tensor = tensor.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
-    else:
-        raise ValueError(f"an image must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}.")
-    channels = tensor.shape[0]
-    if channels == 1:
-        tensor = tensor.expand(3, -1, -1)  # gray -> RGB
-    elif channels == 4:
-        tensor = tensor[:3]  # drop alpha
-    elif channels != 3:
-        raise ValueError(f"an image must have 1, 3 or 4 channels, got {channels} (shape {tuple(tensor.shape)}).")
-    if tensor.shape[-2] < 2 or tensor.shape[-1] < 2:
-        raise ValueError(f"an image must be at least 2x2 pixels, got {tuple(tensor.shape[-2:])}.")
-    if device is not None:
-        tensor = tensor.to(device)
-    return tensor.contiguous()
-
-
-def _to_map_tensor(segmentation_map: Any, device: str | torch.device | None) -> torch.Tensor:
-    """A segmentation map -> `(H, W)` int64; RGB-encoded panoptic maps become R + 256 G + 256^2 B."""
-    from PIL import Image
-
-    if isinstance(segmentation_map, (str, os.PathLike)):
-        segmentation_map = _load(segmentation_map)
-    if isinstance(segmentation_map, Image.Image):
-        segmentation_map = np.array(segmentation_map, copy=True)
-    if isinstance(segmentation_map, np.ndarray):
-        if segmentation_map.dtype == np.uint16:
-            segmentation_map = segmentation_map.astype(np.int64)
-        tensor = torch.from_numpy(np.ascontiguousarray(segmentation_map))
-    elif isinstance(segmentation_map, torch.Tensor):
-        tensor = segmentation_map
-    else:
-        raise ValueError(
-            f"unsupported segmentation map type {type(segmentation_map).__name__}; pass a PIL image, numpy array, "
-            "torch tensor or path."
-        )
-    if tensor.is_floating_point():
-        tensor = tensor.round()
-    # int32 is enough for class, instance and COCO panoptic ids (< 256^3) and halves the memory traffic.
-    tensor = tensor.long() if tensor.dtype == torch.int64 or tensor.is_floating_point() else tensor.int()
-    if tensor.ndim == 3 and tensor.shape[0] == 1:
-        tensor = tensor[0]
-    elif tensor.ndim == 3 and tensor.shape[-1] == 1:
-        tensor = tensor[..., 0]
-    elif tensor.ndim == 3 and tensor.shape[-1] == 3:
-        tensor = tensor[..., 0] + 256 * tensor[..., 1] + 256 * 256 * tensor[..., 2]  # COCO panoptic id encoding
-    elif tensor.ndim == 3 and tensor.shape[0] == 3:
-        tensor = tensor[0] + 256 * tensor[1] + 256 * 256 * tensor[2]  # the same, channels first
-    elif tensor.ndim != 2:
-        raise ValueError(
-            f"a segmentation map must be (H, W) ids or an (H, W, 3) RGB panoptic PNG, got shape {tuple(tensor.shape)}."
-        )
-    if device is not None:
-        tensor = tensor.to(device)
-    return tensor
-
-
-def _shortest_edge_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
-    # transformers' rule: scale the short side to `shortest_edge` unless the long side would pass `longest_edge`,
-    # truncating the other side.
-    short_side, long_side = float(min(height, width)), float(max(height, width))
-    target = shortest_edge
-    exact = None
-    if long_side / short_side * shortest_edge > longest_edge:
-        exact = longest_edge * short_side / long_side
-        target = int(round(exact))
-    if (height <= width and height == target) or (width <= height and width == target):
-        return height, width
-    base = exact if exact is not None else target
-    if width < height:
-        return int(base * height / width), target
-    return target, int(base * width / height)
-
-
-def _resize_image(image: torch.Tensor, size: tuple[int, int], resample: Any) -> torch.Tensor:
-    if tuple(image.shape[-2:]) == tuple(size):
-        return image
-    mode = _RESAMPLE_MODES.get(PILImageResampling(int(resample)), "bilinear")
-    if mode == "nearest-exact":
-        return _resize_nearest(image, size)
-    batch = image[None]  # (C, H, W) -> (1, C, H, W)
-    # Antialiased like PIL; uint8 stays uint8 on the CPU (rounded like PIL), other dtypes resize in float.
-    if batch.dtype != torch.uint8 or batch.device.type != "cpu":
-        batch = batch.float()
-    resized = F.interpolate(batch, size=size, mode=mode, antialias=True, align_corners=False)
-    if mode == "bicubic" and resized.is_floating_point():
-        resized = resized.clamp(0, 255)
-    return resized[0]
-
-
-def _resize_nearest(tensor: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest resize by index (any dtype, ids kept exactly), sampling pixel centres like PIL's NEAREST."""
-    height, width = tensor.shape[-2:]
-    if (height, width) == tuple(size):
-        return tensor
-    rows = (
-        ((torch.arange(size[0], dtype=torch.float64) + 0.5) * (height / size[0])).floor().long().clamp(max=height - 1)
-    )
-    cols = ((torch.arange(size[1], dtype=torch.float64) + 0.5) * (width / size[1])).floor().long().clamp(max=width - 1)
-    return tensor.index_select(-2, rows.to(tensor.device)).index_select(-1, cols.to(tensor.device))
+        size = dict(size)
+    if size.get("shortest_edge") and not size.get("longest_edge"):
+        size["longest_edge"] = max_size
+    return size
