@@ -16,17 +16,25 @@ _PUBLIC_API = {
     "Mask2FormerPreTrainedModel": "mask2former.modeling.modeling_mask2former",
     "Mask2FormerImageProcessor": "mask2former.processing.image_processing_mask2former",
     "multi_scale_deformable_attention": "mask2former.modeling.ops",
+    "VideoMask2FormerConfig": "mask2former.modeling.configuration_video_mask2former",
+    "VideoMask2FormerModel": "mask2former.modeling.modeling_video_mask2former",
+    "VideoMask2FormerForVideoSegmentation": "mask2former.modeling.modeling_video_mask2former",
 }
 
 __all__ = [*_PUBLIC_API, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling.configuration_mask2former import Mask2FormerConfig as Mask2FormerConfig
+    from .modeling.configuration_video_mask2former import VideoMask2FormerConfig as VideoMask2FormerConfig
     from .modeling.modeling_mask2former import (
         Mask2FormerForUniversalSegmentation as Mask2FormerForUniversalSegmentation,
     )
     from .modeling.modeling_mask2former import Mask2FormerModel as Mask2FormerModel
     from .modeling.modeling_mask2former import Mask2FormerPreTrainedModel as Mask2FormerPreTrainedModel
+    from .modeling.modeling_video_mask2former import (
+        VideoMask2FormerForVideoSegmentation as VideoMask2FormerForVideoSegmentation,
+    )
+    from .modeling.modeling_video_mask2former import VideoMask2FormerModel as VideoMask2FormerModel
     from .modeling.ops import multi_scale_deformable_attention as multi_scale_deformable_attention
     from .processing.image_processing_mask2former import Mask2FormerImageProcessor as Mask2FormerImageProcessor
 

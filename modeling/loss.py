@@ -9,11 +9,16 @@ For the final prediction and, with deep supervision, for every intermediate deco
    mostly where the prediction is uncertain (`point_sampling.py`).
 
 The mask terms are summed over masks and divided by the number of target masks, averaged over the processes of a
-distributed run. The losses come back unweighted; the model multiplies them by `weight_dict` and sums, as transformers
-does. Everything is computed in float32 with autocast disabled, whatever the dtype of the predictions.
+distributed run. Mask tubes of a clip (video Mask2Former: predictions `(B, Q, T, h, w)`, targets `(N, T, H, W)`) are
+matched as wholes; their mask terms are taken per frame, each frame with its own points, and divided by the number of
+target tubes, as the original video criterion does. The losses come back unweighted; the model multiplies them by
+`weight_dict` and sums, as transformers does. Everything is computed in float32 with autocast disabled, whatever the
+dtype of the predictions.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +152,9 @@ class Mask2FormerLoss(nn.Module):
         Point-sampled sigmoid cross-entropy and dice of the matched masks.
 
         Args:
-            masks_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, height, width)`).
-            mask_labels (`list[torch.Tensor]`): per image, `(num_targets, target_height, target_width)` masks.
+            masks_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, [num_frames,] height, width)`).
+            mask_labels (`list[torch.Tensor]`): per image, `(num_targets, [num_frames,] target_height, target_width)`
+                masks.
             indices: the matcher's output.
             num_masks (`torch.Tensor`): scalar normaliser from `get_num_masks`.
 
@@ -161,9 +167,11 @@ class Mask2FormerLoss(nn.Module):
             # No object in the whole batch: no mask term, but keep the graph connected for DDP and backward().
             zero = masks_queries_logits.float().sum() * 0.0
             return zero, zero.clone()
-        # Matched predictions, in the matcher's order (image by image): (B, Q, h, w) -> (M, h, w)
-        matched_logits = masks_queries_logits[image_indices, query_indices].float()
-        # (M, P, 2), chosen without gradient
+        # Matched predictions, in the matcher's order (image by image): (B, Q, [F,] h, w) -> (M, [F,] h, w); each
+        # frame of a mask tube is a mask of its own here, with its own points: -> (M * F, h, w)
+        num_frames = math.prod(masks_queries_logits.shape[2:-2])
+        matched_logits = masks_queries_logits[image_indices, query_indices].float().flatten(0, -3)
+        # (M * F, P, 2), chosen without gradient
         point_coordinates = sample_points_by_uncertainty(
             matched_logits, self.num_points, self.oversample_ratio, self.importance_sample_ratio
         )
@@ -175,22 +183,25 @@ class Mask2FormerLoss(nn.Module):
             end = start + len(target_indices)
             if end > start:
                 target_indices = target_indices.to(device)
-                # (M_i, P, 2), in matched-pair order
-                image_points = target_point_coordinates(point_coordinates[start:end], masks.shape[-2:], canvas_size)
+                # (M_i * F, P, 2) -> (M_i, F, P, 2), in matched-pair order
+                image_points = target_point_coordinates(
+                    point_coordinates[start * num_frames : end * num_frames], masks.shape[-2:], canvas_size
+                ).unflatten(0, (end - start, num_frames))
                 # Every target is matched exactly once (no image has more targets than queries), so the target
                 # indices are a permutation: move each pair's points to its target's row and read the full-resolution
                 # masks in place instead of copying them into pair order.
                 points_by_target = torch.empty_like(image_points)
                 points_by_target[target_indices] = image_points
-                # (T_i, H, W) -> (T_i, 1, H, W) -> (T_i, 1, P) -> (T_i, P)
+                # (T_i, [F,] H, W) -> (T_i * F, 1, H, W) -> (T_i * F, 1, P) -> (T_i, F, P)
                 labels_by_target = point_sample(
-                    masks.to(device=device, dtype=torch.float32).unsqueeze(1), points_by_target
-                ).squeeze(1)
-                # back to matched-pair order: (T_i, P) -> (M_i, P)
-                point_labels.append(labels_by_target[target_indices])
+                    masks.to(device=device, dtype=torch.float32).flatten(0, -3).unsqueeze(1),
+                    points_by_target.flatten(0, 1),
+                ).view(end - start, num_frames, -1)
+                # back to matched-pair order: (T_i, F, P) -> (M_i, F, P) -> (M_i * F, P)
+                point_labels.append(labels_by_target[target_indices].flatten(0, 1))
             start = end
-        point_labels = torch.cat(point_labels)  # (M, P)
-        # (M, h, w) -> (M, 1, P) -> (M, P)
+        point_labels = torch.cat(point_labels)  # (M * F, P)
+        # (M * F, h, w) -> (M * F, 1, P) -> (M * F, P)
         point_logits = point_sample(matched_logits.unsqueeze(1), point_coordinates).squeeze(1)
         return (
             sigmoid_cross_entropy_loss(point_logits, point_labels, num_masks),
@@ -250,7 +261,9 @@ class Mask2FormerLoss(nn.Module):
                 f"class_queries_logits has {num_classes_with_null} classes on its last axis but the loss was built "
                 f"for num_labels + 1 = {self.num_labels + 1} (the last one is no-object)."
             )
-        validate_targets(mask_labels, class_labels, batch_size, num_queries, self.num_labels)
+        validate_targets(
+            mask_labels, class_labels, batch_size, num_queries, self.num_labels, masks_queries_logits.dim() - 1
+        )
         device = masks_queries_logits.device
         with torch.autocast(device_type=device.type, enabled=False):
             num_masks = self.get_num_masks(class_labels, device)

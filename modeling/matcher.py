@@ -5,11 +5,14 @@ The matching cost of query `q` and target `t` is
     class_cost * (-p_q[class_t]) + mask_cost * BCE(mask_q, mask_t) + dice_cost * dice(mask_q, mask_t)
 
 where both mask terms are computed on the same `num_points` uniformly random points for all predictions and targets of
-an image (Mask2Former, Section 3.3). All costs of a batch are computed at once in float32 with autocast disabled; only
+an image (Mask2Former, Section 3.3). Mask tubes of a clip (video Mask2Former) are read at the same points in every
+frame and costed over all of them. All costs of a batch are computed at once in float32 with autocast disabled; only
 the assignment itself (`scipy.optimize.linear_sum_assignment`, a CPU algorithm) runs once per image.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -30,16 +33,19 @@ def validate_targets(
     batch_size: int,
     num_queries: int,
     num_labels: int,
+    mask_dims: int = 3,
 ) -> None:
     """
     Check the targets of a batch and raise a `ValueError` that names the problem and the fix.
 
     Args:
-        mask_labels (`list[torch.Tensor]`): per image, binary masks of shape `(num_targets, height, width)`.
+        mask_labels (`list[torch.Tensor]`): per image, binary masks of shape `(num_targets, height, width)` (or per
+            clip, mask tubes `(num_targets, num_frames, height, width)`).
         class_labels (`list[torch.Tensor]`): per image, class ids of shape `(num_targets,)`.
         batch_size (`int`): number of images predicted.
         num_queries (`int`): number of queries per image; no image may have more targets.
         num_labels (`int`): number of classes `K`; ids must lie in `0..K-1` (`K` is the no-object class).
+        mask_dims (`int`, defaults to 3): dimensions of each mask tensor, 4 for tubes.
     """
     if len(mask_labels) != batch_size or len(class_labels) != batch_size:
         raise ValueError(
@@ -52,9 +58,10 @@ def validate_targets(
                 f"class_labels[{image_index}] must be a 1-D integer tensor, got shape {tuple(classes.shape)} "
                 f"and dtype {classes.dtype}."
             )
-        if masks.dim() != 3 or masks.shape[0] != classes.shape[0]:
+        if masks.dim() != mask_dims or masks.shape[0] != classes.shape[0]:
+            layout = "(num_targets, height, width)" if mask_dims == 3 else "(num_targets, num_frames, height, width)"
             raise ValueError(
-                f"mask_labels[{image_index}] must have shape (num_targets, height, width) with num_targets = "
+                f"mask_labels[{image_index}] must have shape {layout} with num_targets = "
                 f"len(class_labels[{image_index}]) = {classes.shape[0]}, got shape {tuple(masks.shape)}."
             )
         if classes.shape[0] > num_queries:
@@ -186,7 +193,8 @@ class Mask2FormerHungarianMatcher(nn.Module):
         Matching costs of all queries against all targets, for the whole batch.
 
         Args:
-            masks_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, height, width)`): mask logits.
+            masks_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, height, width)`): mask logits
+                (or mask tubes `(batch_size, num_queries, num_frames, height, width)`, with targets to match).
             class_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, num_labels + 1)`): class logits.
             mask_labels (`list[torch.Tensor]`): per image, `(num_targets, target_height, target_width)` binary masks.
             class_labels (`list[torch.Tensor]`): per image, `(num_targets,)` class ids.
@@ -206,11 +214,16 @@ class Mask2FormerHungarianMatcher(nn.Module):
             class_probabilities = class_queries_logits.float().softmax(-1)  # (B, Q, K + 1)
             # (B, T_max), padded with class 0; the padded columns are never read by the solver.
             padded_classes = torch.zeros(batch_size, max_num_targets, dtype=torch.long, device=device)
-            padded_point_targets = torch.zeros(batch_size, max_num_targets, self.num_points, device=device)
+            # Mask tubes (B, Q, T, h, w) are read at the same points in every frame, and costed over all T * P.
+            num_frames = math.prod(masks_queries_logits.shape[2:-2])
+            padded_point_targets = torch.zeros(
+                batch_size, max_num_targets, num_frames * self.num_points, device=device
+            )
             # The same points for all predictions and targets of an image: (B, P, 2)
             point_coordinates = sample_uniform_points(batch_size, self.num_points, device)
-            # Queries are channels: (B, Q, h, w) -> (B, Q, P)
-            point_logits = point_sample(masks_queries_logits.float(), point_coordinates)
+            # Queries (and frames) are channels: (B, Q, [T,] h, w) -> (B, Q [* T], P) -> (B, Q, [T *] P)
+            point_logits = point_sample(masks_queries_logits.float().flatten(1, -3), point_coordinates)
+            point_logits = point_logits.view(batch_size, num_queries, -1)
             # Targets arrive as a list of differently sized tensors, so they are read per image.
             for image_index, (masks, classes) in enumerate(zip(mask_labels, class_labels)):
                 if classes.shape[0] == 0:
@@ -219,10 +232,10 @@ class Mask2FormerHungarianMatcher(nn.Module):
                 image_points = target_point_coordinates(
                     point_coordinates[image_index : image_index + 1], masks.shape[-2:], canvas_size
                 )
-                # (T_i, H, W) -> (1, T_i, H, W) -> (1, T_i, P)
+                # (T_i, [F,] H, W) -> (1, T_i [* F], H, W) -> (1, T_i [* F], P) -> (T_i, [F *] P)
                 padded_point_targets[image_index, : classes.shape[0]] = point_sample(
-                    masks.to(device=device, dtype=torch.float32).unsqueeze(0), image_points
-                )[0]
+                    masks.to(device=device, dtype=torch.float32).flatten(0, -3).unsqueeze(0), image_points
+                )[0].view(classes.shape[0], -1)
             # (B, Q, K + 1) gathered at (B, Q, T_max) -> (B, Q, T_max)
             cost_class = -class_probabilities.gather(2, padded_classes.unsqueeze(1).expand(-1, num_queries, -1))
             cost_mask = pairwise_sigmoid_cross_entropy(point_logits, padded_point_targets)
@@ -243,7 +256,8 @@ class Mask2FormerHungarianMatcher(nn.Module):
         Match the queries of each image to its targets.
 
         Args:
-            masks_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, height, width)`): mask logits.
+            masks_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, height, width)`): mask logits
+                (or mask tubes `(batch_size, num_queries, num_frames, height, width)`, with targets to match).
             class_queries_logits (`torch.Tensor` of shape `(batch_size, num_queries, num_labels + 1)`): class logits.
             mask_labels (`list[torch.Tensor]`): per image, `(num_targets, target_height, target_width)` binary masks.
             class_labels (`list[torch.Tensor]`): per image, `(num_targets,)` class ids in `0..num_labels-1`.
@@ -256,7 +270,8 @@ class Mask2FormerHungarianMatcher(nn.Module):
         """
         batch_size, num_queries, num_classes_with_null = class_queries_logits.shape
         if check_targets:
-            validate_targets(mask_labels, class_labels, batch_size, num_queries, num_classes_with_null - 1)
+            mask_dims = masks_queries_logits.dim() - 1
+            validate_targets(mask_labels, class_labels, batch_size, num_queries, num_classes_with_null - 1, mask_dims)
         # One device->host copy for the whole batch; the Hungarian solve is a sequential CPU algorithm per image.
         costs = self.cost_matrices(masks_queries_logits, class_queries_logits, mask_labels, class_labels).cpu()
         indices = []
