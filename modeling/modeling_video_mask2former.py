@@ -23,6 +23,7 @@ from transformers import AutoModel, AutoModelForUniversalSegmentation
 
 from .configuration_video_mask2former import VideoMask2FormerConfig
 from .modeling_mask2former import (
+    Mask2FormerForUniversalSegmentation,
     Mask2FormerPixelLevelModule,
     Mask2FormerPreTrainedModel,
     _build_criterion,
@@ -227,60 +228,22 @@ class VideoMask2FormerForVideoSegmentation(VideoMask2FormerPreTrainedModel):
             [`VideoMask2FormerForVideoSegmentationOutput`]: ``class_queries_logits`` `(B, Q, K + 1)`,
             ``masks_queries_logits`` `(B, Q, T, H/4, W/4)`, and with labels ``loss`` and ``loss_dict``.
         """
-        if (mask_labels is None) != (class_labels is None):
-            raise ValueError("Pass mask_labels and class_labels together (both or neither) to compute the loss.")
-        output_auxiliary_logits = (
-            self.config.output_auxiliary_logits if output_auxiliary_logits is None else output_auxiliary_logits
-        )
         return_dict = self.config.return_dict if return_dict is None else return_dict
-
-        outputs = self.model(
+        # The image model's heads and loss, unchanged: its forward reads only self.model (here the video model, whose
+        # tubes its class head, auxiliary predictions and tube-aware criterion take as they are), class_predictor,
+        # criterion, weight_dict and config.
+        output = Mask2FormerForUniversalSegmentation.forward(
+            self,
             pixel_values_videos,
+            mask_labels=mask_labels,
+            class_labels=class_labels,
             pixel_mask=pixel_mask,
             output_hidden_states=output_hidden_states,
+            output_auxiliary_logits=output_auxiliary_logits,
             output_attentions=output_attentions,
             return_dict=True,
         )
-        # one class prediction per decoder prediction: (Q, B, C) -> (B, Q, K + 1)
-        class_logits = [
-            self.class_predictor(state.transpose(0, 1)) for state in outputs.transformer_decoder_intermediate_states
-        ]
-        mask_logits = outputs.masks_queries_logits
-        auxiliary_logits = [
-            {"masks_queries_logits": masks, "class_queries_logits": classes}
-            for masks, classes in zip(mask_logits[:-1], class_logits[:-1])
-        ]
-
-        loss, loss_dict = None, None
-        if mask_labels is not None:
-            loss_dict = self.criterion(
-                masks_queries_logits=mask_logits[-1],
-                class_queries_logits=class_logits[-1],
-                mask_labels=mask_labels,
-                class_labels=class_labels,
-                auxiliary_predictions=auxiliary_logits if self.config.use_auxiliary_loss else None,
-            )
-            # "loss_mask_3" takes the weight of "loss_mask"
-            loss_dict = {
-                name: value * next((weight for key, weight in self.weight_dict.items() if name.startswith(key)), 1.0)
-                for name, value in loss_dict.items()
-            }
-            loss = sum(loss_dict.values())
-
-        output = VideoMask2FormerForVideoSegmentationOutput(
-            loss=loss,
-            class_queries_logits=class_logits[-1],
-            masks_queries_logits=mask_logits[-1],
-            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
-            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
-            pixel_decoder_last_hidden_state=outputs.pixel_decoder_last_hidden_state,
-            transformer_decoder_last_hidden_state=outputs.transformer_decoder_last_hidden_state,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
-            transformer_decoder_hidden_states=outputs.transformer_decoder_hidden_states,
-            attentions=outputs.attentions,
-            loss_dict=loss_dict,
-        )
+        output = VideoMask2FormerForVideoSegmentationOutput(**output)
         return output if return_dict else output.to_tuple()
 
 
