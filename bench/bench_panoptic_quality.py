@@ -24,9 +24,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from mask2former.training.datasets import id_to_rgb, rgb_to_id
+from mask2former.training.data import generate_synthetic_shapes, id_to_rgb, rgb_to_id
 from mask2former.training.evaluate import evaluate_panoptic_files
-from mask2former.training.synthetic import generate_synthetic_shapes
 
 
 def _edit_ground_truth(root: Path, rng: np.random.Generator) -> None:

@@ -11,6 +11,9 @@ picklable ``collate_fn`` for ``torch.utils.data.DataLoader``: ``list[record] -> 
 - ``targets``       (only with ``keep_targets=True``, for evaluation; pop it before ``model(**batch)``) the records'
   ``segment_map`` / ``segment_ids`` / ``class_labels`` / ``iscrowd`` / ``image_id`` / ``file_name`` at their
   own resolution.
+- ``skipped``       (only when examples were skipped as bad input; pop it before ``model(**batch)``) list of the
+  reasons: the placeholders of skipped examples are left out of the batch, and this is how their count reaches the
+  main process from DataLoader workers.
 
 Which segments become training targets: crowd segments never (as in the paper's code, they are neither objects
 nor background); for ``task="instance"`` only thing classes; for ``task="semantic"`` one mask per class (segments of
@@ -27,26 +30,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..processing.tasks import TASKS
+from ..processing.tasks import check_task
+from .data.records import SegmentationRecord
 
-Record = dict[str, Any]
 # class given to void pixels so that the processor's mask for them can be recognised and dropped, whatever its
 # ignore_index is
 _VOID_CLASS = -1
 
 
 def renumber_segments(
-    record: Record, task: str = "panoptic", thing_ids: Iterable[int] | None = None
+    record: SegmentationRecord, task: str = "panoptic", thing_ids: Iterable[int] | None = None
 ) -> tuple[np.ndarray, dict[int, int]]:
     """A record -> ``(H, W)`` int64 map with training segments numbered 1..N (0 = not trained on) and ``{id: label}``.
 
     The mapping also holds ``0: -1`` (void), so that processors without an ``ignore_index`` can encode the map.
     """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+    check_task(task)
     things = set(thing_ids) if thing_ids is not None else None
     if task == "instance" and things is None:
-        raise ValueError("task='instance' needs thing_ids (segmentation_label_info(dataset).thing_ids)")
+        raise ValueError("task='instance' needs thing_ids (load_dataset_for_segmentation(...).label_info.thing_ids)")
     segment_map = np.asarray(record["segment_map"])
     new_id_of_segment: dict[int, int] = {}
     id_to_label: dict[int, int] = {0: _VOID_CLASS}
@@ -92,19 +94,23 @@ class SegmentationCollator:
             raise ValueError(
                 "SegmentationCollator gives label ids as they are: create the processor with do_reduce_labels=False"
             )
-        if task not in TASKS:
-            raise ValueError(f"unknown task {task!r}; use one of {TASKS}")
+        check_task(task)
         self.processor = processor
         self.task = task
         self.thing_ids = sorted(thing_ids) if thing_ids is not None else None
         self.keep_targets = keep_targets
         self.processor_kwargs = processor_kwargs
 
-    def __call__(self, records: list[Record]):
-        # examples skipped while decoding (on_bad_input="skip") come as placeholders: leave them out
+    def __call__(self, records: list[SegmentationRecord]):
+        # examples skipped while decoding (on_bad_input="skip") come as placeholders: leave them out, and report
+        # why in the batch, which is how the reasons reach the main process from DataLoader workers
+        skip_reasons = [reason for record in records for reason in record.get("skip_reasons", ())]
         records = [record for record in records if not record.get("skipped")]
         if not records:
-            raise ValueError("cannot collate an empty batch (every example in it was skipped or none was given)")
+            raise ValueError(
+                "cannot collate an empty batch (every example in it was skipped or none was given)"
+                + "".join(f"\n  skipped: {reason}" for reason in skip_reasons)
+            )
         images, segmentation_maps, mappings = [], [], []
         for record in records:
             segmentation_map, id_to_label = renumber_segments(record, self.task, self.thing_ids)
@@ -140,4 +146,6 @@ class SegmentationCollator:
                 }
                 for record in records
             ]
+        if skip_reasons:
+            batch["skipped"] = skip_reasons
         return batch

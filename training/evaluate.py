@@ -4,7 +4,7 @@ API
 ---
 Each evaluator has ``update(predictions, targets)`` (call it per batch, in each process), ``compute() -> dict[str,
 float]`` (gathers across ``torch.distributed`` processes once, if initialised, and returns percentages) and
-``reset()``. A *target* is a segmentation record (``training/datasets.py``) or the ``"targets"`` entries of
+``reset()``. A *target* is a segmentation record (``training/data/records.py``) or the ``"targets"`` entries of
 ``SegmentationCollator(keep_targets=True)``: ``segment_map`` ``(H, W)`` ids (0 = void), ``segment_ids``,
 ``class_labels``, ``iscrowd``, ``image_id``.
 
@@ -47,7 +47,7 @@ import torch
 from PIL import Image
 
 from ..utils.optional import require
-from .datasets import LabelInfo, load_dataset_for_segmentation, rgb_to_id, segmentation_label_info, semantic_label_map
+from .data import LabelInfo, load_dataset_for_segmentation, rgb_to_id, semantic_label_map
 
 
 def _require_pycocotools():
@@ -611,8 +611,8 @@ def evaluate_panoptic_files(
         predicted = json.load(handle)
     annotations = predicted["annotations"] if isinstance(predicted, dict) else predicted
     by_image = {str(annotation["image_id"]): annotation for annotation in annotations}
-    dataset = load_dataset_for_segmentation(ground_truth_root, split, "panoptic", on_bad_input=on_bad_input)
-    label_info = segmentation_label_info(dataset)
+    data = load_dataset_for_segmentation(ground_truth_root, split, "panoptic", on_bad_input=on_bad_input)
+    dataset, label_info = data.dataset, data.label_info
     category_to_label = label_info.category_to_label
     evaluator = PanopticEvaluator.from_label_info(label_info)
     skips = _Skips(on_bad_input)
@@ -662,8 +662,8 @@ def evaluate_instance_files(
         category_ids = {category["id"] for category in ground_truth["categories"]}
         evaluator = InstanceEvaluator(ground_truth=ground_truth, max_detections=10**9)
     elif (root / "annotations" / f"panoptic_{split_name}.json").is_file():
-        dataset = load_dataset_for_segmentation(root, split, "panoptic", on_bad_input=on_bad_input)
-        label_info = segmentation_label_info(dataset)
+        data = load_dataset_for_segmentation(root, split, "panoptic", on_bad_input=on_bad_input)
+        dataset, label_info = data.dataset, data.label_info
         # ground truth as the thing segments of the panoptic records, in the dataset's own category ids
         evaluator = InstanceEvaluator(
             [label_info.category_ids[label] for label in label_info.thing_ids], max_detections=10**9
@@ -709,8 +709,8 @@ def evaluate_semantic_files(
     """Semantic PNGs (one per image, named after the image, holding the dataset's category ids: ADE20K 1..150,
     COCO its panoptic category ids; 0 = no class) against an ADE20K or COCO panoptic root."""
     predictions_dir = Path(predictions_dir)
-    dataset = load_dataset_for_segmentation(ground_truth_root, split, "semantic", on_bad_input=on_bad_input)
-    label_info = segmentation_label_info(dataset)
+    data = load_dataset_for_segmentation(ground_truth_root, split, "semantic", on_bad_input=on_bad_input)
+    dataset, label_info = data.dataset, data.label_info
     # category value -> label, every other value -> "no class"
     lookup = np.full(max(label_info.category_ids.values()) + 2, label_info.num_labels, dtype=np.int64)
     for label, category in label_info.category_ids.items():

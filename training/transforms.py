@@ -1,4 +1,4 @@
-"""Joint image + segment-map augmentations of the paper, on segmentation records (see ``training/datasets.py``).
+"""Joint image + segment-map augmentations of the paper, on segmentation records (``training/data/records.py``).
 
 API
 ---
@@ -14,7 +14,8 @@ image left with no segment is kept: it trains the no-object class).
   ADE20K recipe (short side = ratio x 512 from {256, 307, ..., 1024}, long side <= 2048, crop 512 retried until no
   class covers more than ``category_max_ratio`` of the crop, SSD photometric distortion, horizontal flip).
 - ``PhotometricDistortion()``, ``RandomHorizontalFlip(prob)``, ``Compose([...])``: the building blocks.
-- ``build_train_transform(recipe, **kwargs)``: ``"coco_lsj"`` | ``"ade20k"`` | ``"none"``.
+- ``build_train_transform(recipe, **kwargs)``: ``"coco_lsj"`` | ``"ade20k"`` | ``"flip"`` | ``"none"`` (the recipes'
+  ``augmentation.name``).
 
 Randomness: pass ``seed=`` for a reproducible stream; by default Python's ``random`` is used, which PyTorch
 reseeds in every DataLoader worker, so workers do not repeat each other's augmentations.
@@ -29,7 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-Record = dict[str, Any]
+from .data.records import SegmentationRecord, keep_visible_segments
 
 
 def _as_array(image: Any) -> np.ndarray:
@@ -51,18 +52,6 @@ def _resize(image: np.ndarray, segment_map: np.ndarray, height: int, width: int)
     return resized_image, np.asarray(resized_map).astype(np.int64)
 
 
-def keep_visible_segments(record: Record) -> Record:
-    """Drop the segments whose pixels are all gone (after a crop); keeps the image even if none is left."""
-    present = set(np.unique(record["segment_map"]).tolist())
-    keep = [index for index, segment_id in enumerate(record["segment_ids"]) if segment_id in present]
-    return {
-        **record,
-        "segment_ids": [record["segment_ids"][i] for i in keep],
-        "class_labels": [record["class_labels"][i] for i in keep],
-        "iscrowd": [record["iscrowd"][i] for i in keep],
-    }
-
-
 class _RandomMixin:
     def __init__(self, seed: int | None = None):
         self.rng = random.Random(seed) if seed is not None else random
@@ -71,10 +60,10 @@ class _RandomMixin:
 class Compose:
     """Apply transforms in order."""
 
-    def __init__(self, transforms: Sequence[Callable[[Record], Record]]):
+    def __init__(self, transforms: Sequence[Callable[[SegmentationRecord], SegmentationRecord]]):
         self.transforms = list(transforms)
 
-    def __call__(self, record: Record) -> Record:
+    def __call__(self, record: SegmentationRecord) -> SegmentationRecord:
         for transform in self.transforms:
             record = transform(record)
         return record
@@ -87,7 +76,7 @@ class RandomHorizontalFlip(_RandomMixin):
         super().__init__(seed)
         self.prob = prob
 
-    def __call__(self, record: Record) -> Record:
+    def __call__(self, record: SegmentationRecord) -> SegmentationRecord:
         image, segment_map = _as_array(record["image"]), np.asarray(record["segment_map"])
         if self.rng.random() < self.prob:
             image, segment_map = image[:, ::-1], segment_map[:, ::-1]
@@ -134,7 +123,7 @@ class LargeScaleJitter(_RandomMixin):
         self.flip.rng = self.rng
         self.pad, self.pad_value = pad, pad_value
 
-    def __call__(self, record: Record) -> Record:
+    def __call__(self, record: SegmentationRecord) -> SegmentationRecord:
         image, segment_map = _as_array(record["image"]), np.asarray(record["segment_map"])
         height, width = segment_map.shape
         scale = self.rng.uniform(self.min_scale, self.max_scale)
@@ -181,7 +170,7 @@ class PhotometricDistortion(_RandomMixin):
             image = image * self.rng.uniform(*self.contrast_range)
         return image
 
-    def __call__(self, record: Record) -> Record:
+    def __call__(self, record: SegmentationRecord) -> SegmentationRecord:
         image = _as_array(record["image"]).astype(np.float32)
         if self.rng.random() < 0.5:
             image = image + self.rng.uniform(-self.brightness_delta, self.brightness_delta)
@@ -243,7 +232,7 @@ class ShortSideScaleCrop(_RandomMixin):
         counts = counts[counts > 0]
         return len(counts) > 1 and counts.max() < self.category_max_ratio * counts.sum()
 
-    def __call__(self, record: Record) -> Record:
+    def __call__(self, record: SegmentationRecord) -> SegmentationRecord:
         image, segment_map = _as_array(record["image"]), np.asarray(record["segment_map"])
         height, width = segment_map.shape
         short_side = self.rng.choice(self.short_sides)
@@ -274,13 +263,18 @@ class ShortSideScaleCrop(_RandomMixin):
         return keep_visible_segments(self.flip(record))
 
 
-def build_train_transform(recipe: str, **kwargs: Any) -> Callable[[Record], Record] | None:
-    """``"coco_lsj"`` -> ``LargeScaleJitter(**kwargs)``; ``"ade20k"`` -> ``ShortSideScaleCrop(**kwargs)``;
-    ``"none"`` -> ``None``."""
+def build_train_transform(
+    recipe: str | None, **kwargs: Any
+) -> Callable[[SegmentationRecord], SegmentationRecord] | None:
+    """A recipe's augmentation by name: ``"coco_lsj"`` -> ``LargeScaleJitter(**kwargs)``; ``"ade20k"`` ->
+    ``ShortSideScaleCrop(**kwargs)``; ``"flip"`` -> ``RandomHorizontalFlip(kwargs["flip_prob"])`` (images already at
+    training size, as synthetic-shapes); ``"none"`` -> ``None``."""
     if recipe == "coco_lsj":
         return LargeScaleJitter(**kwargs)
     if recipe == "ade20k":
         return ShortSideScaleCrop(**kwargs)
+    if recipe == "flip":
+        return RandomHorizontalFlip(prob=kwargs.pop("flip_prob", 0.5), **kwargs)
     if recipe in ("none", None):
         return None
-    raise ValueError(f"unknown augmentation recipe {recipe!r}; use 'coco_lsj', 'ade20k' or 'none'")
+    raise ValueError(f"unknown augmentation recipe {recipe!r}; use 'coco_lsj', 'ade20k', 'flip' or 'none'")

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from mask2former.training.collate import SegmentationCollator, renumber_segments
-from mask2former.training.datasets import load_dataset_for_segmentation, segmentation_label_info
+from mask2former.training.data import load_dataset_for_segmentation
 
 
 def _processors():
@@ -27,8 +27,8 @@ def processor(request):
 
 @pytest.fixture
 def sample(coco_sample_root):
-    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
-    return [dataset[0], dataset[1]], segmentation_label_info(dataset)
+    loaded = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    return [loaded.dataset[0], loaded.dataset[1]], loaded.label_info
 
 
 def _expected_targets(record, keep):
@@ -121,3 +121,21 @@ def test_reduce_labels_processor_is_refused():
 
     with pytest.raises(ValueError, match="do_reduce_labels"):
         SegmentationCollator(Mask2FormerImageProcessor(do_reduce_labels=True))
+
+
+def test_skipped_examples_are_counted_across_dataloader_workers(tmp_path):
+    """A bad example decoded in a worker reaches the main process as a reason in its batch (not a worker's global)."""
+    from mask2former import Mask2FormerImageProcessor
+    from mask2former.training.data import generate_synthetic_shapes
+
+    root = generate_synthetic_shapes(tmp_path, seed=0, num_images=4, num_val_images=1, image_size=32)
+    broken = sorted((root / "train2017").glob("*.png"))[3]
+    broken.write_bytes(broken.read_bytes()[:40])  # a truncated PNG: found only when decoded
+    dataset = load_dataset_for_segmentation(root, "train", on_bad_input="skip").dataset
+    collator = SegmentationCollator(Mask2FormerImageProcessor(do_resize=False), keep_targets=True)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collator)
+    batches = list(loader)
+    reasons = [reason for batch in batches for reason in batch.get("skipped", [])]
+    assert len(reasons) == 1 and broken.name in reasons[0]
+    assert sum(len(batch["targets"]) for batch in batches) == 3
+    assert "skipped" not in batches[0]  # only the batch that lost an example says so

@@ -8,14 +8,13 @@ import pytest
 import torch
 from PIL import Image
 
-from mask2former.training.datasets import (
+from mask2former.training.data import (
+    generate_synthetic_shapes,
     id_to_rgb,
     load_dataset_for_segmentation,
     rgb_to_id,
-    segmentation_label_info,
     semantic_label_map,
 )
-from mask2former.training.synthetic import generate_synthetic_shapes
 
 
 def _panoptic_json(root):
@@ -24,8 +23,8 @@ def _panoptic_json(root):
 
 
 def test_coco_sample_loads_as_panoptic(coco_sample_root):
-    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
-    info = segmentation_label_info(dataset)
+    loaded = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    dataset, info = loaded.dataset, loaded.label_info
     data = _panoptic_json(coco_sample_root)
     # 133 classes, ids 1..200 remapped in increasing order, 80 things
     category_ids = sorted(category["id"] for category in data["categories"])
@@ -54,9 +53,9 @@ def test_coco_sample_loads_as_panoptic(coco_sample_root):
 def test_coco_sample_loads_as_instances_with_the_same_masks(coco_sample_root):
     panoptic = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
     instance = load_dataset_for_segmentation(coco_sample_root, "val2017", "instance")
-    assert segmentation_label_info(instance).thing_ids == segmentation_label_info(panoptic).thing_ids
+    assert instance.label_info.thing_ids == panoptic.label_info.thing_ids
     for index in range(2):
-        a, b = panoptic[index], instance[index]
+        a, b = panoptic.dataset[index], instance.dataset[index]
         assert a["image_id"] == b["image_id"]
         # the RLE masks of the instances JSON are the panoptic segments: same (label, crowd, mask) sets
         masks_a = {
@@ -71,7 +70,7 @@ def test_coco_sample_loads_as_instances_with_the_same_masks(coco_sample_root):
 
 
 def test_semantic_label_map_of_a_record(coco_sample_root):
-    record = load_dataset_for_segmentation(coco_sample_root, "val2017", "semantic")[0]
+    record = load_dataset_for_segmentation(coco_sample_root, "val2017", "semantic").dataset[0]
     labels = semantic_label_map(record, ignore_label=255)
     for segment_id, label in zip(record["segment_ids"], record["class_labels"]):
         assert np.all(labels[record["segment_map"] == segment_id] == label)
@@ -98,8 +97,8 @@ def _fake_ade20k(root, count=3, size=(24, 32)):
 
 def test_ade20k_layout(tmp_path):
     root = _fake_ade20k(tmp_path / "ADEChallengeData2016")
-    dataset = load_dataset_for_segmentation(root, "validation", "semantic")
-    info = segmentation_label_info(dataset)
+    loaded = load_dataset_for_segmentation(root, "validation", "semantic")
+    dataset, info = loaded.dataset, loaded.label_info
     assert info.num_labels == 150 and info.thing_ids == []
     assert (info.id2label[0], info.id2label[2], info.id2label[149]) == ("wall", "sky", "flag")
     record = dataset[1]
@@ -137,7 +136,7 @@ def _write_parquet(tmp_path, coco_sample_root):
 @pytest.mark.parametrize("streaming", [False, True])
 def test_local_parquet_dataset_with_column_mapping(tmp_path, coco_sample_root, streaming):
     folder, categories = _write_parquet(tmp_path, coco_sample_root)
-    dataset = load_dataset_for_segmentation(
+    loaded = load_dataset_for_segmentation(
         str(folder),
         "validation",
         "panoptic",
@@ -146,10 +145,11 @@ def test_local_parquet_dataset_with_column_mapping(tmp_path, coco_sample_root, s
         column_mapping={"image": "picture", "annotation": "panoptic", "segments_info": "segments", "image_id": "key"},
     )
     reference = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    dataset = loaded.dataset
     records = list(dataset) if streaming else [dataset[0], dataset[1]]
     assert len(records) == 2
-    assert segmentation_label_info(dataset).category_ids == segmentation_label_info(reference).category_ids
-    for record, expected in zip(records, [reference[0], reference[1]]):
+    assert loaded.label_info.category_ids == reference.label_info.category_ids
+    for record, expected in zip(records, [reference.dataset[0], reference.dataset[1]]):
         assert record["image_id"] == expected["image_id"]
         assert np.array_equal(record["segment_map"], expected["segment_map"])
         assert record["class_labels"] == expected["class_labels"] and record["iscrowd"] == expected["iscrowd"]
@@ -186,8 +186,8 @@ def test_instance_channels_layout(tmp_path):
     loaded = load_dataset_for_segmentation(
         str(tmp_path / "set"), "train", "instance", annotation_format="instance_channels"
     )
-    assert segmentation_label_info(loaded).id2label == {0: "a", 1: "b"}
-    record = loaded[0]
+    assert loaded.label_info.id2label == {0: "a", 1: "b"}
+    record = loaded.dataset[0]
     assert len(record["segment_ids"]) == 3 and sorted(record["class_labels"]) == [0, 1, 1]
     label_of = dict(zip(record["segment_ids"], record["class_labels"]))
     assert label_of[record["segment_map"][0, 0]] == 1 and label_of[record["segment_map"][0, 7]] == 0
@@ -204,10 +204,10 @@ def test_synthetic_shapes_deterministic_and_read_as_coco(tmp_path):
     assert all((first / f).read_bytes() == (second / f).read_bytes() for f in files)
     assert any((first / f).read_bytes() != (other / f).read_bytes() for f in files if f.suffix == ".png")
 
-    dataset = load_dataset_for_segmentation(
+    loaded = load_dataset_for_segmentation(
         "synthetic-shapes", "train", cache_dir=tmp_path / "a", seed=3, num_images=4, num_val_images=2, image_size=48
     )
-    info = segmentation_label_info(dataset)
+    dataset, info = loaded.dataset, loaded.label_info
     assert info.id2label == {0: "circle", 1: "square", 2: "triangle", 3: "sky", 4: "ground", 5: "water"}
     assert info.thing_ids == [0, 1, 2] and info.category_ids[3] == 10
     assert len(dataset) == 4
@@ -226,19 +226,19 @@ def test_synthetic_shapes_deterministic_and_read_as_coco(tmp_path):
                 num_images=4,
                 num_val_images=2,
                 image_size=48,
-            )
+            ).dataset
         )
         == 2
     )
 
 
 def test_dataloader_workers(coco_sample_root):
-    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic").dataset
     loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=lambda batch: batch[0])
     image_ids = sorted(record["image_id"] for record in loader)
     assert image_ids == ["142238", "439180"]
     # a stream is split across the workers: every image exactly once
-    stream = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic", streaming=True)
+    stream = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic", streaming=True).dataset
     loader = torch.utils.data.DataLoader(stream, batch_size=1, num_workers=2, collate_fn=lambda batch: batch[0])
     assert sorted(record["image_id"] for record in loader) == ["142238", "439180"]
 
@@ -262,13 +262,14 @@ def test_bad_input_errors_name_file_and_id(coco_sample_root, tmp_path):
     json_path.write_text(json.dumps(broken))
     with pytest.raises(ValueError, match="142238.*unknown category ids \\[999\\]"):
         load_dataset_for_segmentation(root, "val2017", "panoptic")
-    assert len(load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")) == 1
+    skipping = load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")
+    assert len(skipping.dataset) == 1 and "142238" in skipping.skipped[0]
 
     # segment id in the PNG absent from segments_info
     broken = json.loads(json.dumps(data))
     del broken["annotations"][1]["segments_info"][3]
     json_path.write_text(json.dumps(broken))
-    dataset = load_dataset_for_segmentation(root, "val2017", "panoptic")
+    dataset = load_dataset_for_segmentation(root, "val2017", "panoptic").dataset
     with pytest.raises(ValueError, match="000000439180.png.*439180.*segments_info does not list"):
         dataset[1]
 
@@ -277,7 +278,7 @@ def test_bad_input_errors_name_file_and_id(coco_sample_root, tmp_path):
     png = root / "annotations" / "panoptic_val2017" / "000000142238.png"
     Image.open(png).crop((0, 0, 100, 100)).save(png)
     with pytest.raises(ValueError, match="000000142238.png.*142238.*100x100"):
-        load_dataset_for_segmentation(root, "val2017", "panoptic")[0]
+        load_dataset_for_segmentation(root, "val2017", "panoptic").dataset[0]
 
     # missing image
     (root / "val2017" / "000000439180.jpg").unlink()
@@ -288,7 +289,7 @@ def test_bad_input_errors_name_file_and_id(coco_sample_root, tmp_path):
     (root / "val2017" / "000000142238.jpg").write_bytes(b"not a jpeg")
     json_path.write_text(json.dumps({**data, "images": data["images"][:1], "annotations": data["annotations"][:1]}))
     with pytest.raises(ValueError, match="000000142238.jpg.*142238"):
-        load_dataset_for_segmentation(root, "val2017", "panoptic")[0]
+        load_dataset_for_segmentation(root, "val2017", "panoptic").dataset[0]
 
 
 def test_images_without_annotations_are_kept(coco_sample_root, tmp_path):
@@ -297,7 +298,7 @@ def test_images_without_annotations_are_kept(coco_sample_root, tmp_path):
     data = json.loads(path.read_text())
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] != 142238]
     path.write_text(json.dumps(data))
-    dataset = load_dataset_for_segmentation(root, "val2017", "instance")
+    dataset = load_dataset_for_segmentation(root, "val2017", "instance").dataset
     assert len(dataset) == 2
     empty = dataset[0]
     assert empty["image_id"] == "142238" and empty["segment_ids"] == [] and not empty["segment_map"].any()
@@ -310,7 +311,7 @@ def test_polygon_instances(coco_sample_root, tmp_path):
     data["annotations"] = [a for a in data["annotations"] if a["image_id"] == 142238][:1]
     data["annotations"][0]["segmentation"] = [[10, 10, 30, 10, 30, 20, 10, 20]]  # a rectangle polygon
     path.write_text(json.dumps(data))
-    record = load_dataset_for_segmentation(root, "val2017", "instance")[0]
+    record = load_dataset_for_segmentation(root, "val2017", "instance").dataset[0]
     rows, cols = np.nonzero(record["segment_map"] == record["segment_ids"][0])
     assert rows.min() >= 10 and rows.max() <= 20 and cols.min() >= 10 and cols.max() <= 30
     assert 150 < len(rows) < 260
@@ -328,23 +329,22 @@ def test_decode_time_skip_gives_a_placeholder_the_collator_drops(coco_sample_roo
     root = _copy_sample(coco_sample_root, tmp_path)
     png = root / "annotations" / "panoptic_val2017" / "000000142238.png"
     Image.open(png).crop((0, 0, 100, 100)).save(png)
-    dataset = load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")
+    dataset = load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip").dataset
     records = [dataset[0], dataset[1]]
     assert records[0]["skipped"] and not records[1]["skipped"]
     batch = SegmentationCollator(Mask2FormerImageProcessor(do_resize=False), keep_targets=True)(records)
     assert [target["image_id"] for target in batch["targets"]] == ["439180"]
-    streamed = load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip", streaming=True)
-    assert [record["image_id"] for record in streamed] == ["439180"]
+    streamed = load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip", streaming=True).dataset
+    assert [record["image_id"] for record in streamed if not record["skipped"]] == ["439180"]
 
 
 def test_set_segmentation_transform(coco_sample_root):
-    from mask2former.training.datasets import set_segmentation_transform
+    from mask2former.training.data import set_segmentation_transform
     from mask2former.training.transforms import RandomHorizontalFlip
 
-    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic").dataset
     flipped = set_segmentation_transform(dataset, RandomHorizontalFlip(prob=1.0))
     assert np.array_equal(flipped[0]["segment_map"], dataset[0]["segment_map"][:, ::-1])
-    assert segmentation_label_info(flipped).num_labels == 133
 
 
 def test_optional_dependencies_fail_at_use_with_the_hint(coco_sample_root, monkeypatch):
@@ -382,9 +382,9 @@ def test_semantic_parquet_dataset(tmp_path):
         id2label={1: "wall", 2: "floor", 3: "sky"},
         column_mapping={"image": "img", "annotation": "seg"},
     )
-    info = segmentation_label_info(loaded)
+    info = loaded.label_info
     assert info.id2label == {0: "wall", 1: "floor", 2: "sky"} and info.thing_ids == []
-    labels = semantic_label_map(loaded[0])
+    labels = semantic_label_map(loaded.dataset[0])
     expected = np.full((6, 8), 255)
     expected[:, :4] = 0
     expected[:3, 4:] = 2
@@ -402,21 +402,23 @@ def test_semantic_parquet_dataset(tmp_path):
         column_mapping={"image": "img", "annotation": "seg"},
     )
     with pytest.raises(ValueError, match="unknown class values \\[7\\]"):
-        broken[0]
+        broken.dataset[0]
 
 
 def test_hub_unknown_category_raises_or_is_skipped(tmp_path, coco_sample_root):
     folder, categories = _write_parquet(tmp_path, coco_sample_root)
     mapping = {"image": "picture", "annotation": "panoptic", "segments_info": "segments", "image_id": "key"}
     fewer = [category for category in categories if category["id"] != 19]  # image 439180 has horses (19)
-    dataset = load_dataset_for_segmentation(str(folder), "validation", categories=fewer, column_mapping=mapping)
+    dataset = load_dataset_for_segmentation(
+        str(folder), "validation", categories=fewer, column_mapping=mapping
+    ).dataset
     assert dataset[0]["image_id"] == "142238"
     with pytest.raises(ValueError, match="439180.*unknown category 19"):
         dataset[1]
     skipping = load_dataset_for_segmentation(
         str(folder), "validation", categories=fewer, column_mapping=mapping, on_bad_input="skip", streaming=True
-    )
-    assert [record["image_id"] for record in skipping] == ["142238"]
+    ).dataset
+    assert [record["image_id"] for record in skipping if not record["skipped"]] == ["142238"]
 
 
 def test_empty_annotation_list_and_unannotated_image(coco_sample_root, tmp_path):
@@ -429,7 +431,7 @@ def test_empty_annotation_list_and_unannotated_image(coco_sample_root, tmp_path)
     json_path.write_text(json.dumps({**data, "annotations": data["annotations"][:1]}))
     with pytest.raises(ValueError, match="image id 439180 has no panoptic annotation"):
         load_dataset_for_segmentation(root, "val2017", "panoptic")
-    assert len(load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip")) == 1
+    assert len(load_dataset_for_segmentation(root, "val2017", "panoptic", on_bad_input="skip").dataset) == 1
 
 
 def test_hub_labels_from_a_class_label_feature(tmp_path, coco_sample_root):
@@ -459,8 +461,8 @@ def test_hub_labels_from_a_class_label_feature(tmp_path, coco_sample_root):
     (tmp_path / "set").mkdir()
     datasets.Dataset.from_dict(row, features=features).to_parquet(str(tmp_path / "set" / "train.parquet"))
     loaded = load_dataset_for_segmentation(str(tmp_path / "set"), "train")
-    assert segmentation_label_info(loaded).id2label == dict(enumerate(names))
-    record = loaded[0]
+    assert loaded.label_info.id2label == dict(enumerate(names))
+    record = loaded.dataset[0]
     assert [names[label] for label in record["class_labels"]] == [
         f"category {s['category_id']}" for s in annotation["segments_info"]
     ]
@@ -496,7 +498,7 @@ def test_parquet_with_embedded_bytes_only(tmp_path, coco_sample_root):
     )
     (tmp_path / "set").mkdir()
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "set" / "train.parquet"))
-    record = load_dataset_for_segmentation(str(tmp_path / "set"), "train", categories=data["categories"])[0]
-    reference = load_dataset_for_segmentation(coco_sample_root, "val2017")[0]
+    record = load_dataset_for_segmentation(str(tmp_path / "set"), "train", categories=data["categories"]).dataset[0]
+    reference = load_dataset_for_segmentation(coco_sample_root, "val2017").dataset[0]
     assert np.array_equal(record["segment_map"], reference["segment_map"])
     assert np.array_equal(np.asarray(record["image"]), np.asarray(reference["image"]))

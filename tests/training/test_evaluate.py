@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from mask2former.training.datasets import load_dataset_for_segmentation, segmentation_label_info, semantic_label_map
+from mask2former.training.data import load_dataset_for_segmentation, semantic_label_map
 from mask2former.training.evaluate import (
     InstanceEvaluator,
     PanopticEvaluator,
@@ -22,8 +22,8 @@ NEW_LABEL_NAME = "horse"
 
 @pytest.fixture
 def sample(coco_sample_root):
-    dataset = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
-    return [dataset[0], dataset[1]], segmentation_label_info(dataset)
+    loaded = load_dataset_for_segmentation(coco_sample_root, "val2017", "panoptic")
+    return [loaded.dataset[0], loaded.dataset[1]], loaded.label_info
 
 
 def _panoptic_prediction(record, label_of=None, segment_map=None):

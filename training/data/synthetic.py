@@ -6,6 +6,7 @@ API
   writes (once; later calls reuse it) ``train2017/``, ``val2017/``, ``annotations/panoptic_{train,val}2017.json`` and
   the panoptic PNG folders under ``cache_dir`` (default ``~/.cache/mask2former``), and returns the root. The root is
   then read by the same COCO-panoptic code as real data (``load_dataset_for_segmentation("synthetic-shapes")``).
+- ``SYNTHETIC_SOURCE``: the name (``"synthetic-shapes"``) that stands for this set wherever a dataset is named.
 - ``SYNTHETIC_CATEGORIES``: 3 thing classes (circle, square, triangle) and 3 stuff classes (sky, ground, water), with
   COCO-style ids that have gaps so that the id -> label remapping is exercised.
 
@@ -25,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .records import id_to_rgb
+
+SYNTHETIC_SOURCE = "synthetic-shapes"
 SYNTHETIC_VERSION = 1
 SYNTHETIC_CATEGORIES = [
     {"id": 1, "name": "circle", "isthing": 1, "supercategory": "shape", "color": [220, 20, 60]},
@@ -39,13 +43,6 @@ _STUFF_BASE_COLOURS = {10: (120, 170, 230), 11: (120, 100, 60), 12: (30, 70, 150
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MASK2FORMER_CACHE", Path.home() / ".cache" / "mask2former"))
-
-
-def _id_to_rgb(segment_map: np.ndarray) -> np.ndarray:
-    # (H, W) ids -> (H, W, 3) uint8, id = R + 256 G + 256^2 B (COCO panoptic convention)
-    return np.stack([segment_map % 256, segment_map // 256 % 256, segment_map // 65536 % 256], axis=-1).astype(
-        np.uint8
-    )
 
 
 def _thing_mask(rng: np.random.Generator, shape: str, size: int) -> np.ndarray:
@@ -123,7 +120,7 @@ def _write_split(root: Path, split: str, rng: np.random.Generator, count: int, s
         stem = f"{image_id:012d}"
         image, segment_map, segments = _render_image(rng, size)
         Image.fromarray(image).save(image_dir / f"{stem}.png")  # lossless, so that re-reading is exact
-        Image.fromarray(_id_to_rgb(segment_map)).save(png_dir / f"{stem}.png")
+        Image.fromarray(id_to_rgb(segment_map)).save(png_dir / f"{stem}.png")
         images.append({"id": image_id, "file_name": f"{stem}.png", "height": size, "width": size})
         annotations.append({"image_id": image_id, "file_name": f"{stem}.png", "segments_info": segments})
     with open(root / "annotations" / f"panoptic_{split}.json", "w") as handle:
