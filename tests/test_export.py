@@ -21,8 +21,6 @@ from mask2former.export import (
 onnx = pytest.importorskip("onnx", reason="the export extras are part of the dev install")
 onnxruntime = pytest.importorskip("onnxruntime", reason="the export extras are part of the dev install")
 
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny-resnet-coco-panoptic"
-
 
 def _run_onnx(path: Path, inputs: dict[str, torch.Tensor]) -> list[np.ndarray]:
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
@@ -146,12 +144,11 @@ def test_export_onnx_fails_with_the_fix_for_a_bad_input_size(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
-    from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+def tiny_model(tiny_config):
+    from mask2former import Mask2FormerForUniversalSegmentation
 
     torch.manual_seed(0)
-    config = Mask2FormerConfig.from_pretrained(TINY_CONFIG)
-    return Mask2FormerForUniversalSegmentation(config).eval()
+    return Mask2FormerForUniversalSegmentation(tiny_config("resnet")).eval()
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,9 @@ THRESHOLD = 0.1
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
+def tiny_model_dir(tmp_path_factory, tiny_config) -> Path:
     torch.manual_seed(0)
-    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(TINY)).eval()
+    model = Mask2FormerForUniversalSegmentation(tiny_config("swin")).eval()
     with torch.no_grad():  # confident class scores and unlikely "no object": a random model still returns segments
         model.class_predictor.weight.mul_(40.0)
         model.class_predictor.bias[-1] = -20.0

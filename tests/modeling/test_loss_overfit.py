@@ -1,42 +1,20 @@
 """The whole objective in the model: a tiny model overfits one batch on the CPU; its loss equals transformers'."""
 
 import torch
-from transformers import ResNetConfig
 
-from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+from mask2former import Mask2FormerForUniversalSegmentation
 
-
-def tiny_config() -> Mask2FormerConfig:
-    backbone = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[8, 16, 32, 64],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    return Mask2FormerConfig(
-        backbone_config=backbone,
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=32,
-        encoder_layers=1,
-        decoder_layers=2,  # the query-only prediction plus one masked-attention layer: deep supervision on both
-        num_attention_heads=2,
-        dim_feedforward=32,
-        num_queries=6,
-        num_labels=3,
-        train_num_points=256,
-    )
+# The query-only prediction plus one masked-attention layer: deep supervision on both.
+OVERFIT = dict(decoder_layers=2, num_queries=6, num_labels=3, train_num_points=256)
 
 
-def test_tiny_model_overfits_one_batch():
+def test_tiny_model_overfits_one_batch(tiny_config):
     # On a CPU shared with other work, one intra-op thread avoids oversubscription (10x faster here).
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         torch.manual_seed(0)
-        model = Mask2FormerForUniversalSegmentation(tiny_config()).train()
+        model = Mask2FormerForUniversalSegmentation(tiny_config("resnet", **OVERFIT)).train()
         pixel_values = torch.randn(2, 3, 64, 64)
         masks = torch.zeros(2, 2, 64, 64)
         # Rectangles on the 4-pixel grid of the 1/4-resolution predictions, so near-perfect masks are reachable.
@@ -66,13 +44,13 @@ def test_tiny_model_overfits_one_batch():
         torch.set_num_threads(previous_threads)
 
 
-def test_model_loss_matches_transformers_model_with_the_same_weights_and_seed():
+def test_model_loss_matches_transformers_model_with_the_same_weights_and_seed(tiny_config):
     # The loss wired into the model: our Mask2FormerForUniversalSegmentation and transformers' with the same weights
     # and the same seed (hence the same sampled points) give the same total; the per-term dict holds the weighted
     # terms of every decoder layer.
     from transformers import Mask2FormerForUniversalSegmentation as TransformersMask2FormerForUniversalSegmentation
 
-    config = tiny_config()
+    config = tiny_config("resnet", **OVERFIT)
     torch.manual_seed(0)
     model = Mask2FormerForUniversalSegmentation(config).eval()
     reference = TransformersMask2FormerForUniversalSegmentation(config).eval()

@@ -6,7 +6,7 @@ import torch
 import transformers
 from transformers import Mask2FormerConfig as ReferenceConfig
 from transformers import Mask2FormerForUniversalSegmentation as ReferenceModel
-from transformers import ResNetConfig, SwinConfig
+from transformers import SwinConfig
 from transformers.initialization import no_init_weights
 
 from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerModel
@@ -14,31 +14,15 @@ from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, 
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
-def tiny_config(backbone: str = "swin", **overrides) -> Mask2FormerConfig:
-    if backbone == "swin":
-        backbone_config = SwinConfig(
-            embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4, out_features=STAGES
-        )
-    else:
-        backbone_config = ResNetConfig(
-            embedding_size=8, hidden_sizes=[8, 16, 24, 32], depths=[1, 1, 1, 1], out_features=STAGES
-        )
-    fields = dict(
-        backbone_config=backbone_config,
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=64,
-        dim_feedforward=64,
-        encoder_layers=2,
-        decoder_layers=5,  # 4 masked-attention layers: every level twice-ish, and aux predictions
-        num_queries=6,
-        num_labels=4,
-        num_attention_heads=2,
-        train_num_points=256,  # the loss' point samples: few, for speed
-    )
-    fields.update(overrides)
-    return Mask2FormerConfig(**fields)
+# Deeper than the shared tiny model: 2 encoder layers, and 4 masked-attention layers so that every feature level is
+# attended and there are auxiliary predictions to compare.
+DEEPER = dict(encoder_layers=2, decoder_layers=5, num_queries=6, num_labels=4, train_num_points=256)
+
+
+@pytest.fixture(scope="session")
+def model_config(tiny_config):
+    """``model_config(backbone="swin", **overrides)``: the shared tiny config with ``DEEPER``."""
+    return lambda backbone="swin", **overrides: tiny_config(backbone, **{**DEEPER, **overrides})
 
 
 def reference_twin(model: Mask2FormerForUniversalSegmentation) -> ReferenceModel:
@@ -65,8 +49,8 @@ def assert_predictions_equal(ours, reference, rtol: float = 1e-4) -> None:
 
 
 @pytest.mark.parametrize("backbone", ["swin", "resnet"])
-def test_outputs_equal_transformers_on_same_weights(backbone):
-    model = Mask2FormerForUniversalSegmentation(tiny_config(backbone)).eval()
+def test_outputs_equal_transformers_on_same_weights(backbone, model_config):
+    model = Mask2FormerForUniversalSegmentation(model_config(backbone)).eval()
     reference = reference_twin(model)
     pixel_values = torch.randn(2, 3, 64, 96)  # batch 2, non-square
     options = dict(output_auxiliary_logits=True, output_hidden_states=True, output_attentions=True)
@@ -93,8 +77,8 @@ def test_outputs_equal_transformers_on_same_weights(backbone):
         assert_close_relative(getattr(ours, name), getattr(theirs, name), name)
 
 
-def test_model_outputs_equal_transformers_base_model():
-    config = tiny_config()
+def test_model_outputs_equal_transformers_base_model(model_config):
+    config = model_config()
     model = Mask2FormerModel(config).eval()
     reference = transformers.Mask2FormerModel(ReferenceConfig.from_dict(config.to_dict())).eval()
     reference.load_state_dict(model.state_dict(), strict=True)
@@ -113,8 +97,8 @@ def test_model_outputs_equal_transformers_base_model():
 
 
 @pytest.mark.parametrize("backbone", ["swin", "resnet"])
-def test_state_dicts_load_both_ways_strictly(backbone):
-    config = tiny_config(backbone)
+def test_state_dicts_load_both_ways_strictly(backbone, model_config):
+    config = model_config(backbone)
     ours = Mask2FormerForUniversalSegmentation(config)
     theirs = ReferenceModel(ReferenceConfig.from_dict(config.to_dict()))
     assert set(ours.state_dict()) == set(theirs.state_dict())
@@ -122,8 +106,8 @@ def test_state_dicts_load_both_ways_strictly(backbone):
     theirs.load_state_dict(ours.state_dict(), strict=True)
 
 
-def test_save_and_load_round_trips_with_transformers(tmp_path):
-    model = Mask2FormerForUniversalSegmentation(tiny_config()).eval()
+def test_save_and_load_round_trips_with_transformers(tmp_path, model_config):
+    model = Mask2FormerForUniversalSegmentation(model_config()).eval()
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         expected = model(pixel_values)
@@ -155,8 +139,8 @@ def test_save_and_load_round_trips_with_transformers(tmp_path):
         torch.testing.assert_close(loaded_again.state_dict()[key], value, rtol=0, atol=0, msg=key)
 
 
-def test_config_round_trip_and_schema(tmp_path):
-    config = tiny_config("resnet", num_queries=11, class_weight=3.0)
+def test_config_round_trip_and_schema(tmp_path, model_config):
+    config = model_config("resnet", num_queries=11, class_weight=3.0)
     assert config.to_dict().keys() == ReferenceConfig().to_dict().keys()
     assert Mask2FormerConfig().to_dict() == ReferenceConfig().to_dict()  # same defaults
     config.save_pretrained(tmp_path)
@@ -166,14 +150,14 @@ def test_config_round_trip_and_schema(tmp_path):
     assert Mask2FormerConfig.from_dict(config.to_dict()).to_dict() == config.to_dict()
 
 
-def test_no_swin_only_warning_for_other_backbones(monkeypatch):
+def test_no_swin_only_warning_for_other_backbones(monkeypatch, model_config):
     from transformers.models.mask2former import configuration_mask2former as reference_module
 
     warnings = []
     monkeypatch.setattr(reference_module.logger, "warning_once", lambda message, *args: warnings.append(message))
-    tiny_config("resnet")
+    model_config("resnet")
     assert warnings == []
-    ReferenceConfig.from_dict(tiny_config("resnet").to_dict())  # the reference does warn: the probe works
+    ReferenceConfig.from_dict(model_config("resnet").to_dict())  # the reference does warn: the probe works
     assert len(warnings) == 1 and "Supported model types" in warnings[0]
 
 
@@ -184,9 +168,9 @@ def test_timm_backbone_fails_at_use_with_install_hint():
         Mask2FormerForUniversalSegmentation(config)
 
 
-def padded_batch_case(backbone: str):
+def padded_batch_case(config: Mask2FormerConfig):
     torch.manual_seed(0)
-    model = Mask2FormerForUniversalSegmentation(tiny_config(backbone)).eval()
+    model = Mask2FormerForUniversalSegmentation(config).eval()
     # the small image alone, as the processor gives it: 50x70 valid, padded to 64x96
     small = torch.zeros(1, 3, 64, 96)
     small[..., :50, :70] = torch.randn(1, 3, 50, 70)
@@ -204,8 +188,8 @@ def padded_batch_case(backbone: str):
 
 
 @pytest.mark.parametrize("backbone", ["swin", "resnet"])
-def test_padding_invariance_alone_vs_batched_with_larger_image(backbone):
-    model, small, small_mask, large, batch, batch_mask = padded_batch_case(backbone)
+def test_padding_invariance_alone_vs_batched_with_larger_image(backbone, model_config):
+    model, small, small_mask, large, batch, batch_mask = padded_batch_case(model_config(backbone))
     with torch.no_grad():
         alone = model(small, pixel_mask=small_mask, output_auxiliary_logits=True)
         batched = model(batch, pixel_mask=batch_mask, output_auxiliary_logits=True)
@@ -224,9 +208,9 @@ def test_padding_invariance_alone_vs_batched_with_larger_image(backbone):
     assert_close_relative(batched.masks_queries_logits[1], large_alone.masks_queries_logits[0], "large masks")
 
 
-def test_padding_changes_transformers_but_not_us():
+def test_padding_changes_transformers_but_not_us(model_config):
     """Deliberate difference (transformers#39382): transformers ignores pixel_mask, so the padding leaks."""
-    model, small, small_mask, _, batch, batch_mask = padded_batch_case("swin")
+    model, small, small_mask, _, batch, batch_mask = padded_batch_case(model_config("swin"))
     reference = reference_twin(model)
     with torch.no_grad():
         reference_alone = reference(small, pixel_mask=small_mask).class_queries_logits[0]
@@ -250,9 +234,9 @@ def test_valid_mask_on_feature_grids():
     assert torch.equal(downsample_valid_mask(pixel_mask, 2, 3)[0], torch.ones(2, 3, dtype=torch.bool))
 
 
-def test_padded_batch_trains():
+def test_padded_batch_trains(model_config):
     """Gradients flow through the per-size path (crops, zero-padded maps, masked attention) and are finite."""
-    model, _, _, _, batch, batch_mask = padded_batch_case("resnet")
+    model, _, _, _, batch, batch_mask = padded_batch_case(model_config("resnet"))
     model.train()
     mask_labels = [torch.zeros(1, 128, 160), (torch.rand(2, 128, 160) > 0.5).float()]
     mask_labels[0][0, :30, :40] = 1
@@ -268,8 +252,8 @@ def test_padded_batch_trains():
     assert model.model.pixel_level_module.encoder.embedder.embedder.convolution.weight.grad.abs().sum() > 0
 
 
-def test_all_valid_pixel_mask_is_the_unpadded_path():
-    model = Mask2FormerForUniversalSegmentation(tiny_config()).eval()
+def test_all_valid_pixel_mask_is_the_unpadded_path(model_config):
+    model = Mask2FormerForUniversalSegmentation(model_config()).eval()
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         without = model(pixel_values)
@@ -277,8 +261,8 @@ def test_all_valid_pixel_mask_is_the_unpadded_path():
     torch.testing.assert_close(with_mask.masks_queries_logits, without.masks_queries_logits, rtol=0, atol=0)
 
 
-def test_same_size_padded_images_share_one_backbone_call():
-    model = Mask2FormerForUniversalSegmentation(tiny_config()).eval()
+def test_same_size_padded_images_share_one_backbone_call(model_config):
+    model = Mask2FormerForUniversalSegmentation(model_config()).eval()
     pixel_values = torch.randn(3, 3, 64, 96)
     pixel_mask = torch.ones(3, 64, 96, dtype=torch.long)
     pixel_mask[0, 40:] = 0  # rounds up to 64x96: same group as the full images
@@ -293,8 +277,8 @@ def test_same_size_padded_images_share_one_backbone_call():
     assert sorted(batch_sizes) == [(1, 3, 64, 64), (2, 3, 64, 96)]
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
-    config = tiny_config(backbone="resnet")
+def test_gradient_checkpointing_gives_the_same_gradients(model_config):
+    config = model_config(backbone="resnet")
     model = Mask2FormerForUniversalSegmentation(config).train()
     pixel_values = torch.randn(2, 3, 64, 64)
 
@@ -319,8 +303,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
 
 
-def test_loss_is_the_weighted_sum_of_the_loss_terms():
-    config = tiny_config(train_num_points=64)
+def test_loss_is_the_weighted_sum_of_the_loss_terms(model_config):
+    config = model_config(train_num_points=64)
     # eval mode: in train mode the backbone's (zero-rate) dropouts draw random numbers, shifting the loss' samples
     model = Mask2FormerForUniversalSegmentation(config).eval()
     pixel_values = torch.randn(2, 3, 64, 64)
@@ -351,9 +335,9 @@ def test_loss_is_the_weighted_sum_of_the_loss_terms():
     assert model.class_predictor.weight.grad is not None and model.class_predictor.weight.grad.abs().sum() > 0
 
 
-def test_initialisation_matches_transformers_statistics():
+def test_initialisation_matches_transformers_statistics(model_config):
     """Same rule per tensor as transformers' _init_weights: constants equal, random tensors of the same law."""
-    config = tiny_config("resnet", hidden_dim=64, feature_size=64, mask_feature_size=64)
+    config = model_config("resnet", hidden_dim=64, feature_size=64, mask_feature_size=64)
     ours = Mask2FormerForUniversalSegmentation(config).state_dict()
     theirs = ReferenceModel(ReferenceConfig.from_dict(config.to_dict())).state_dict()
     checked = 0
@@ -379,21 +363,21 @@ def test_initialisation_matches_transformers_statistics():
         ((1, 3, 64, 64), (1, 64, 32), "pixel_mask must have shape"),
     ],
 )
-def test_bad_inputs_raise_value_errors(shape, mask_shape, message):
-    model = Mask2FormerForUniversalSegmentation(tiny_config()).eval()
+def test_bad_inputs_raise_value_errors(shape, mask_shape, message, model_config):
+    model = Mask2FormerForUniversalSegmentation(model_config()).eval()
     pixel_mask = None if mask_shape is None else torch.ones(mask_shape)
     with pytest.raises(ValueError, match=message):
         model(torch.randn(shape), pixel_mask=pixel_mask)
 
 
-def test_labels_must_come_together():
-    model = Mask2FormerForUniversalSegmentation(tiny_config()).eval()
+def test_labels_must_come_together(model_config):
+    model = Mask2FormerForUniversalSegmentation(model_config()).eval()
     with pytest.raises(ValueError, match="mask_labels and class_labels"):
         model(torch.randn(1, 3, 64, 64), mask_labels=[torch.zeros(1, 64, 64)])
 
 
-def test_empty_pixel_mask_raises():
-    model = Mask2FormerForUniversalSegmentation(tiny_config()).eval()
+def test_empty_pixel_mask_raises(model_config):
+    model = Mask2FormerForUniversalSegmentation(model_config()).eval()
     pixel_mask = torch.ones(2, 64, 64)
     pixel_mask[1] = 0
     with pytest.raises(ValueError, match=r"pixel_mask\[1\] has no valid pixel"):
@@ -426,7 +410,7 @@ def test_full_size_swin_tiny_coco_panoptic_equals_transformers():
     assert_predictions_equal(ours, theirs)
 
 
-def test_real_images_through_the_processor_alone_and_batched(coco_sample_root):
+def test_real_images_through_the_processor_alone_and_batched(coco_sample_root, model_config):
     """Two COCO images of different sizes: each image's outputs are the same alone and in the padded batch."""
     from PIL import Image
 
@@ -440,7 +424,7 @@ def test_real_images_through_the_processor_alone_and_batched(coco_sample_root):
     processor = Mask2FormerImageProcessor(do_resize=False)
     batch = processor(images=images, return_tensors="pt")
     assert batch["pixel_values"].shape[-2:] == (160, 224)
-    model = Mask2FormerForUniversalSegmentation(tiny_config("swin")).eval()
+    model = Mask2FormerForUniversalSegmentation(model_config("swin")).eval()
     with torch.no_grad():
         batched = model(**batch)
         for index, image in enumerate(images):
@@ -452,15 +436,12 @@ def test_real_images_through_the_processor_alone_and_batched(coco_sample_root):
             )
 
 
-def test_deformable_attention_gets_fp32_locations_under_mixed_precision(monkeypatch):
+def test_deformable_attention_gets_fp32_locations_under_mixed_precision(monkeypatch, tiny_config):
     """Under bf16 autocast the sampling locations stay fp32 (bf16 loses whole pixels over a map), so the op runs in
     fp32 while the projections around it run in bf16."""
-    from pathlib import Path
-
     import mask2former.modeling.pixel_decoder as pixel_decoder
 
-    config_dir = Path(__file__).resolve().parents[2] / "hub_configs" / "tiny-resnet-coco-panoptic"
-    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(str(config_dir))).eval()
+    model = Mask2FormerForUniversalSegmentation(tiny_config("resnet")).eval()
     seen = []
     original = pixel_decoder.multi_scale_deformable_attention
 

@@ -280,38 +280,15 @@ def test_bad_input_raises_value_errors(tmp_path):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _tiny_model():
-    from transformers import SwinConfig
+@pytest.fixture
+def tiny_model(tiny_config):
+    from mask2former import Mask2FormerForUniversalSegmentation
 
-    from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
-
-    backbone = SwinConfig(
-        embed_dim=16,
-        depths=[1, 1, 1, 1],
-        num_heads=[1, 1, 2, 2],
-        window_size=4,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-    )
-    config = Mask2FormerConfig(
-        backbone_config=backbone,
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=64,
-        dim_feedforward=64,
-        encoder_layers=1,
-        decoder_layers=2,
-        num_attention_heads=2,
-        num_queries=8,
-        num_labels=5,
-        id2label={i: f"class {i}" for i in range(5)},
-        label2id={f"class {i}": i for i in range(5)},
-    )
-    return Mask2FormerForUniversalSegmentation(config).eval()
+    return Mask2FormerForUniversalSegmentation(tiny_config("swin", num_labels=5)).eval()
 
 
-def test_model_accepts_the_batch_feature():
-    model = _tiny_model()
+def test_model_accepts_the_batch_feature(tiny_model):
+    model = tiny_model
     processor = Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, ignore_index=255)
     images = [np.zeros((40, 60, 3), np.uint8), np.zeros((50, 50, 3), np.uint8)]
     maps = [np.ones((40, 60), np.int64), np.zeros((50, 50), np.int64)]
@@ -326,12 +303,12 @@ def test_model_accepts_the_batch_feature():
 
 
 @pytest.mark.parametrize("subtask", ["panoptic", "instance", "semantic"])
-def test_transformers_pipeline_runs_unchanged(subtask):
+def test_transformers_pipeline_runs_unchanged(subtask, tiny_model):
     from transformers import pipeline
 
     segmenter = pipeline(
         "image-segmentation",
-        model=_tiny_model(),
+        model=tiny_model,
         image_processor=Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}),
     )
     image = Image.fromarray(np.random.default_rng(4).integers(0, 256, (45, 70, 3), dtype=np.uint8))

@@ -6,13 +6,9 @@ an error, so these tests fail when the pixel_mask=None path stops being a single
 CI time generating C++; ``bench/export.py`` measures the inductor-compiled model.
 """
 
-from pathlib import Path
-
 import torch
 
 from mask2former.modeling.ops import multi_scale_deformable_attention
-
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny-resnet-coco-panoptic"
 
 
 def test_compiled_deformable_attention_matches_eager_without_graph_break():
@@ -29,12 +25,12 @@ def test_compiled_deformable_attention_matches_eager_without_graph_break():
     )
 
 
-def test_compiled_model_matches_eager_without_graph_break():
-    from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+def test_compiled_model_matches_eager_without_graph_break(tiny_config):
+    from mask2former import Mask2FormerForUniversalSegmentation
 
     torch._dynamo.reset()
-    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(TINY_CONFIG)).eval()
-    # one size: dynamic sizes are covered by tests/test_export.py, and each recompile costs CI a minute
+    model = Mask2FormerForUniversalSegmentation(tiny_config("resnet")).eval()
+    # one size: dynamic sizes are covered by the export tests, and each recompile costs CI a minute
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     for pixel_values in [torch.randn(2, 3, 96, 128), torch.randn(2, 3, 96, 128)]:  # the second call reuses the graph
         with torch.no_grad():

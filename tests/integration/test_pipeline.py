@@ -10,15 +10,15 @@ import torch
 from PIL import Image
 from transformers import pipeline
 
-from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+from mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-TINY = Path(__file__).resolve().parents[1] / "hub_configs" / "tiny-swin-coco-panoptic"
+TINY = Path(__file__).resolve().parents[2] / "hub_configs" / "tiny-swin-coco-panoptic"
 
 
 @pytest.fixture(scope="module")
-def segmenter():
+def segmenter(tiny_config):
     torch.manual_seed(0)
-    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(TINY)).eval()
+    model = Mask2FormerForUniversalSegmentation(tiny_config("swin")).eval()
     with torch.no_grad():  # confident class scores and unlikely "no object": a random model still returns segments
         model.class_predictor.weight.mul_(40.0)
         model.class_predictor.bias[-1] = -20.0

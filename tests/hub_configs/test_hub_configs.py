@@ -16,7 +16,7 @@ import torch
 
 from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
 
-HUB_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
+HUB_CONFIGS = Path(__file__).resolve().parents[2] / "hub_configs"
 FOLDERS = sorted(path.name for path in HUB_CONFIGS.iterdir() if (path / "config.json").is_file())
 MODEL_ZOO = [name for name in FOLDERS if name.startswith("mask2former-")]
 
