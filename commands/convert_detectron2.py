@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -40,17 +41,20 @@ class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler that resolves only the globals numpy arrays and plain containers need.
 
     ``find_class`` is the only way a pickle reaches code; refusing every other name makes loading a file unable to
-    run anything but array reconstruction.
+    run anything but array reconstruction. A subclass widens ``allowed_globals`` for another checkpoint format
+    (``convert_segmenter`` adds torch's tensor rebuilders).
     """
 
+    allowed_globals: frozenset[tuple[str, str]] = frozenset(_ALLOWED_GLOBALS)
+    refusal_hint = (
+        "a detectron2 checkpoint holds only numpy arrays and plain containers. If this file is a torch checkpoint "
+        "(.pth), convert it to numpy arrays first in a trusted environment."
+    )
+
     def find_class(self, module: str, name: str):
-        if (module, name) in _ALLOWED_GLOBALS:
+        if (module, name) in self.allowed_globals:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(
-            f"refusing to load the global {module}.{name}: a detectron2 checkpoint holds only numpy arrays and plain "
-            "containers. If this file is a torch checkpoint (.pth), convert it to numpy arrays first in a trusted "
-            "environment."
-        )
+        raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}: {self.refusal_hint}")
 
 
 def load_detectron2_checkpoint(path: str | Path) -> dict[str, np.ndarray]:
@@ -263,14 +267,21 @@ def _fill_value(name: str, shape: tuple[int, ...]) -> np.ndarray | None:
     return None
 
 
-def rename_to_ours(original: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], list[str]]:
-    """Rename (and split) original weights. Returns (ours by name, original names no rule knows)."""
+def rename_to_ours(
+    original: dict[str, np.ndarray], rules: list[Rule] | None = None, dropped: re.Pattern | None = None
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Rename (and split) original weights by `rules` (default: Mask2Former's), skipping names `dropped` matches.
+
+    Returns (ours by name, original names no rule knows).
+    """
+    rules = RULES if rules is None else rules
+    dropped = DROPPED_ORIGINAL if dropped is None else dropped
     ours: dict[str, np.ndarray] = {}
     unknown = []
     for name, array in original.items():
-        if DROPPED_ORIGINAL.match(name):
+        if dropped.match(name):
             continue
-        for rule in RULES:
+        for rule in rules:
             fields = rule.match_original(name)
             if fields is None:
                 continue
@@ -352,20 +363,11 @@ def convert(checkpoint: str | Path, variant: str, output_dir: str | Path, log: C
             filled = _fill_value(name, tuple(tensor.shape))
             if filled is not None:
                 ours[name] = filled
-    missing = sorted(set(expected) - set(ours))
-    unexpected = sorted(set(ours) - set(expected))
-    mismatched = [
-        f"{name}: checkpoint {tuple(ours[name].shape)} vs {variant} {tuple(expected[name].shape)}"
-        for name in sorted(set(ours) & set(expected))
-        if tuple(ours[name].shape) != tuple(expected[name].shape)
-    ]
-    if unknown or missing or unexpected or mismatched:
+    misfits = fit_report(ours, expected, unknown)
+    if misfits:
         raise ValueError(
             f"{checkpoint} does not fit --variant {variant}:"
-            + _listing("original names without a rule", unknown)
-            + _listing("missing for the model", missing)
-            + _listing("not in the model", unexpected)
-            + _listing("shape mismatches", mismatched)
+            + misfits
             + "\nPick the variant matching the checkpoint's config (backbone, number of classes and queries)."
         )
 
@@ -380,6 +382,22 @@ def convert(checkpoint: str | Path, variant: str, output_dir: str | Path, log: C
         shutil.copyfile(config_dir / "preprocessor_config.json", output_dir / "preprocessor_config.json")
     log(f"converted {len(original)} original entries into {len(tensors)} tensors for {variant} -> {output_dir}")
     return output_dir
+
+
+def fit_report(ours: dict[str, Any], expected: dict[str, Any], unknown: Iterable[str]) -> str:
+    """What keeps renamed weights from loading strictly into a model: original names without a rule, names missing
+    for the model or not in it, shape mismatches (arrays or tensors by name). Empty when everything fits."""
+    mismatched = [
+        f"{name}: checkpoint {tuple(ours[name].shape)} vs model {tuple(expected[name].shape)}"
+        for name in sorted(set(ours) & set(expected))
+        if tuple(ours[name].shape) != tuple(expected[name].shape)
+    ]
+    return (
+        _listing("original names without a rule", unknown)
+        + _listing("missing for the model", sorted(set(expected) - set(ours)))
+        + _listing("not in the model", sorted(set(ours) - set(expected)))
+        + _listing("shape mismatches", mismatched)
+    )
 
 
 def _listing(title: str, items: Iterable[str], limit: int = 10) -> str:
