@@ -19,18 +19,26 @@ _PUBLIC_API = {
     "VideoMask2FormerConfig": "mask2former.modeling.configuration_video_mask2former",
     "VideoMask2FormerModel": "mask2former.modeling.modeling_video_mask2former",
     "VideoMask2FormerForVideoSegmentation": "mask2former.modeling.modeling_video_mask2former",
+    "SegmenterConfig": "mask2former.modeling.configuration_segmenter",
+    "SegmenterModel": "mask2former.modeling.modeling_segmenter",
+    "SegmenterForSemanticSegmentation": "mask2former.modeling.modeling_segmenter",
+    "SegmenterPreTrainedModel": "mask2former.modeling.modeling_segmenter",
 }
 
 __all__ = [*_PUBLIC_API, "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modeling.configuration_mask2former import Mask2FormerConfig as Mask2FormerConfig
+    from .modeling.configuration_segmenter import SegmenterConfig as SegmenterConfig
     from .modeling.configuration_video_mask2former import VideoMask2FormerConfig as VideoMask2FormerConfig
     from .modeling.modeling_mask2former import (
         Mask2FormerForUniversalSegmentation as Mask2FormerForUniversalSegmentation,
     )
     from .modeling.modeling_mask2former import Mask2FormerModel as Mask2FormerModel
     from .modeling.modeling_mask2former import Mask2FormerPreTrainedModel as Mask2FormerPreTrainedModel
+    from .modeling.modeling_segmenter import SegmenterForSemanticSegmentation as SegmenterForSemanticSegmentation
+    from .modeling.modeling_segmenter import SegmenterModel as SegmenterModel
+    from .modeling.modeling_segmenter import SegmenterPreTrainedModel as SegmenterPreTrainedModel
     from .modeling.modeling_video_mask2former import (
         VideoMask2FormerForVideoSegmentation as VideoMask2FormerForVideoSegmentation,
     )
