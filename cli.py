@@ -17,6 +17,7 @@ COMMANDS: dict[str, str] = {
     "evaluate": "evaluate",
     "export-onnx": "export_onnx",
     "convert-detectron2": "convert_detectron2",
+    "convert-segmenter": "convert_segmenter",
 }
 
 
