@@ -4,10 +4,12 @@
         [--predictions-dir PNG_DIR]
     mask2former evaluate --task instance --ground-truth COCO_ROOT --predictions RESULTS.json
     mask2former evaluate --task semantic --ground-truth ADE_OR_COCO_ROOT --split validation --predictions PNG_DIR
+    mask2former evaluate --task video-instance --ground-truth YTVIS.json --predictions RESULTS.json
 
 Formats are the datasets' own: COCO panoptic JSON + PNG folder (by default the JSON path without ``.json``), a COCO
-results JSON with RLE masks, semantic PNGs named after the images holding category ids (ADE20K 1-150). The scoring
-is ``mask2former.training.evaluate``, the code the training loop uses.
+results JSON with RLE masks, semantic PNGs named after the images holding category ids (ADE20K 1-150), a results
+JSON in the YouTube-VIS submission format against a YouTube-VIS json (video AP). The scoring is
+``mask2former.training.evaluate`` (``video_metrics`` for video AP), the code the training loop uses.
 """
 
 from __future__ import annotations
@@ -17,20 +19,26 @@ import json
 import sys
 from pathlib import Path
 
-from mask2former.processing.tasks import TASKS
+from mask2former.processing.tasks import TASKS, VIDEO_TASKS
 
-HELP = "Score panoptic / instance / semantic prediction files (PQ, mask AP, mIoU) and print the metrics as JSON."
+HELP = (
+    "Score panoptic / instance / semantic / video-instance prediction files (PQ, mask AP, mIoU, video AP) and print "
+    "the metrics as JSON."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, choices=TASKS)
-    parser.add_argument("--ground-truth", required=True, type=Path, help="a COCO root or an ADE20K root")
+    parser.add_argument("--task", required=True, choices=(*TASKS, *VIDEO_TASKS))
+    parser.add_argument(
+        "--ground-truth", required=True, type=Path, help="a COCO root, an ADE20K root, or a YouTube-VIS json"
+    )
     parser.add_argument("--split", default="val2017", help="COCO: val2017 (default); ADE20K: validation")
     parser.add_argument(
         "--predictions",
         required=True,
         type=Path,
-        help="panoptic: COCO panoptic JSON; instance: COCO results JSON; semantic: folder of PNGs",
+        help="panoptic: COCO panoptic JSON; instance: COCO results JSON; semantic: folder of PNGs; video-instance: "
+        "YouTube-VIS results JSON",
     )
     parser.add_argument(
         "--predictions-dir",
@@ -65,6 +73,10 @@ def main(args: argparse.Namespace) -> int:
             metrics = evaluate_panoptic_files(
                 args.ground_truth, split, args.predictions, args.predictions_dir, on_bad_input
             )
+        elif args.task == "video-instance":
+            from mask2former.training.video_metrics import evaluate_video_results
+
+            metrics = evaluate_video_results(args.ground_truth, args.predictions)
         elif args.task == "instance":
             metrics = evaluate_instance_files(args.ground_truth, split, args.predictions, on_bad_input)
         else:

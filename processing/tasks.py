@@ -7,6 +7,8 @@ Every part that takes a task (the data readers, the collator, the trainer, ``mas
 from __future__ import annotations
 
 TASKS: tuple[str, ...] = ("panoptic", "instance", "semantic")
+# the video families' tasks (clips in, instance tubes out)
+VIDEO_TASKS: tuple[str, ...] = ("video-instance",)
 
 
 def check_task(task: str, tasks: tuple[str, ...] = TASKS) -> str:
