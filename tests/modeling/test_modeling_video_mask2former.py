@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation, SwinConfig
+from transformers import AutoConfig, AutoModel, AutoModelForUniversalSegmentation
 
 from mask2former import (
     Mask2FormerConfig,
@@ -20,32 +20,17 @@ from mask2former.commands.convert_detectron2 import rename_to_ours
 from mask2former.modeling.video_transformer_decoder import VideoMask2FormerTransformerModule
 
 FIXTURE = Path(__file__).resolve().parents[3] / "shared" / "data" / "oracles" / "video-mask2former-decoder"
-STAGES = ["stage1", "stage2", "stage3", "stage4"]
 
 
-def tiny_fields(**overrides) -> dict:
-    fields = dict(
-        backbone_config=SwinConfig(
-            embed_dim=16, depths=[1, 1, 2, 1], num_heads=[1, 2, 2, 4], window_size=4, out_features=STAGES
-        ),
-        feature_size=32,
-        mask_feature_size=32,
-        hidden_dim=32,
-        encoder_feedforward_dim=64,
-        dim_feedforward=64,
-        encoder_layers=1,
-        decoder_layers=4,  # 3 masked-attention layers: every level once
-        num_queries=6,
-        num_labels=4,
-        num_attention_heads=2,
-        train_num_points=64,
-    )
-    fields.update(overrides)
-    return fields
+def image_config(tiny_config, **overrides) -> Mask2FormerConfig:
+    # the shared tiny model with 3 masked-attention layers (every level once), 6 queries and 4 classes
+    return tiny_config(**{"decoder_layers": 4, "num_queries": 6, "num_labels": 4, **overrides})
 
 
-def tiny_video_config(**overrides) -> VideoMask2FormerConfig:
-    return VideoMask2FormerConfig(**tiny_fields(**overrides))
+def video_config(tiny_config, use_temporal_position_embedding: bool = True, **overrides) -> VideoMask2FormerConfig:
+    fields = image_config(tiny_config, **overrides).to_dict()
+    fields.update(model_type="video_mask2former", use_temporal_position_embedding=use_temporal_position_embedding)
+    return VideoMask2FormerConfig.from_dict(fields)
 
 
 def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, name: str, rtol: float) -> None:
@@ -131,16 +116,18 @@ def image_twin(video: VideoMask2FormerForVideoSegmentation) -> Mask2FormerForUni
     return image
 
 
-def test_state_dict_keys_and_shapes_are_the_image_models():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config())
-    image = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**tiny_fields()))
+def test_state_dict_keys_and_shapes_are_the_image_models(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config))
+    image = Mask2FormerForUniversalSegmentation(image_config(tiny_config))
     video_shapes = {name: tuple(t.shape) for name, t in video.state_dict().items()}
     image_shapes = {name: tuple(t.shape) for name, t in image.state_dict().items()}
     assert video_shapes == image_shapes
 
 
-def test_one_frame_clip_without_temporal_term_equals_the_image_model_exactly():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config(use_temporal_position_embedding=False)).eval()
+def test_one_frame_clip_without_temporal_term_equals_the_image_model_exactly(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(
+        video_config(tiny_config, use_temporal_position_embedding=False)
+    ).eval()
     image = image_twin(video)
     pixel_values = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
@@ -154,10 +141,10 @@ def test_one_frame_clip_without_temporal_term_equals_the_image_model_exactly():
         assert torch.equal(ours["masks_queries_logits"][:, :, 0], theirs["masks_queries_logits"])
 
 
-def test_one_frame_clip_with_the_temporal_term_matches_the_image_model_to_rounding():
+def test_one_frame_clip_with_the_temporal_term_matches_the_image_model_to_rounding(tiny_config):
     # with T = 1 the frame-index term adds one constant vector to every key, which the softmax cancels: equal up to
     # float rounding, not bit for bit
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).eval()
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).eval()
     image = image_twin(video)
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -166,8 +153,10 @@ def test_one_frame_clip_with_the_temporal_term_matches_the_image_model_to_roundi
     assert_close_relative(clip.masks_queries_logits[:, :, 0], expected.masks_queries_logits, "masks", 1e-5)
 
 
-def test_permuting_frames_permutes_the_tubes_without_the_temporal_term():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config(use_temporal_position_embedding=False)).eval()
+def test_permuting_frames_permutes_the_tubes_without_the_temporal_term(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(
+        video_config(tiny_config, use_temporal_position_embedding=False)
+    ).eval()
     clip = torch.randn(1, 4, 3, 64, 64)
     order = torch.tensor([2, 0, 3, 1])
     with torch.no_grad():
@@ -177,8 +166,8 @@ def test_permuting_frames_permutes_the_tubes_without_the_temporal_term():
     assert_close_relative(permuted.masks_queries_logits, outputs.masks_queries_logits[:, :, order], "tubes", 1e-5)
 
 
-def test_the_temporal_term_makes_the_decoder_see_frame_order():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).eval()
+def test_the_temporal_term_makes_the_decoder_see_frame_order(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).eval()
     clip = torch.randn(1, 4, 3, 64, 64)
     order = torch.tensor([2, 0, 3, 1])
     with torch.no_grad():
@@ -187,8 +176,8 @@ def test_the_temporal_term_makes_the_decoder_see_frame_order():
     assert (permuted.masks_queries_logits - outputs.masks_queries_logits[:, :, order]).abs().max() > 1e-3
 
 
-def test_outputs_shapes_and_auxiliary_predictions():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).eval()
+def test_outputs_shapes_and_auxiliary_predictions(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).eval()
     with torch.no_grad():
         outputs = video(torch.randn(2, 3, 3, 64, 96), output_auxiliary_logits=True, output_hidden_states=True)
     assert outputs.class_queries_logits.shape == (2, 6, 5)
@@ -205,8 +194,8 @@ def test_outputs_shapes_and_auxiliary_predictions():
 # ---- checkpoints -------------------------------------------------------------------------------------------------
 
 
-def test_image_checkpoint_initialises_the_video_model(tmp_path):
-    image = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**tiny_fields()))
+def test_image_checkpoint_initialises_the_video_model(tmp_path, tiny_config):
+    image = Mask2FormerForUniversalSegmentation(image_config(tiny_config))
     image.save_pretrained(tmp_path)
     video = VideoMask2FormerForVideoSegmentation.from_pretrained(tmp_path)
     assert video.config.model_type == "video_mask2former"
@@ -216,8 +205,8 @@ def test_image_checkpoint_initialises_the_video_model(tmp_path):
         assert torch.equal(video_weights[name], tensor), name
 
 
-def test_image_checkpoint_with_other_classes_resizes_the_class_head(tmp_path):
-    image = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(**tiny_fields(num_labels=4)))
+def test_image_checkpoint_with_other_classes_resizes_the_class_head(tmp_path, tiny_config):
+    image = Mask2FormerForUniversalSegmentation(image_config(tiny_config, num_labels=4))
     image.save_pretrained(tmp_path)
     video = VideoMask2FormerForVideoSegmentation.from_pretrained(tmp_path, num_labels=7, ignore_mismatched_sizes=True)
     assert video.class_predictor.weight.shape == (8, 32)
@@ -231,8 +220,8 @@ def test_image_checkpoint_with_other_classes_resizes_the_class_head(tmp_path):
     assert video_weights["class_predictor.weight"].std() > 0  # initialised, not left empty
 
 
-def test_save_and_load_round_trip_through_the_auto_classes(tmp_path):
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).eval()
+def test_save_and_load_round_trip_through_the_auto_classes(tmp_path, tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).eval()
     video.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "video_mask2former"
@@ -249,8 +238,8 @@ def test_save_and_load_round_trip_through_the_auto_classes(tmp_path):
 # ---- padding and inputs ------------------------------------------------------------------------------------------
 
 
-def test_a_clip_gives_the_same_tubes_alone_and_padded_in_a_batch():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).eval()
+def test_a_clip_gives_the_same_tubes_alone_and_padded_in_a_batch(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).eval()
     small = torch.randn(1, 2, 3, 64, 64)
     batch = torch.zeros(2, 2, 3, 96, 128)
     batch[0, :, :, :64, :64] = small[0]
@@ -267,8 +256,8 @@ def test_a_clip_gives_the_same_tubes_alone_and_padded_in_a_batch():
     )
 
 
-def test_tube_loss_trains_the_model():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).train()
+def test_tube_loss_trains_the_model(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).train()
     clip = torch.randn(2, 3, 3, 64, 64)
     masks = [torch.zeros(2, 3, 64, 64), torch.zeros(1, 3, 64, 64)]
     masks[0][0, :, 8:40, 8:40] = 1
@@ -291,14 +280,14 @@ def test_tube_loss_trains_the_model():
         ((1, 2, 3, 64, 64), (2, 64, 64), "one mask per clip"),
     ],
 )
-def test_bad_inputs_raise_value_errors(shape, mask_shape, message):
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).eval()
+def test_bad_inputs_raise_value_errors(shape, mask_shape, message, tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).eval()
     pixel_mask = None if mask_shape is None else torch.ones(mask_shape)
     with pytest.raises(ValueError, match=message):
         video(torch.randn(shape), pixel_mask=pixel_mask)
 
 
-def test_frame_masks_as_tube_targets_are_a_clear_error():
-    video = VideoMask2FormerForVideoSegmentation(tiny_video_config()).train()
+def test_frame_masks_as_tube_targets_are_a_clear_error(tiny_config):
+    video = VideoMask2FormerForVideoSegmentation(video_config(tiny_config)).train()
     with pytest.raises(ValueError, match=r"\(num_targets, num_frames, height, width\)"):
         video(torch.randn(1, 2, 3, 64, 64), mask_labels=[torch.zeros(1, 64, 64)], class_labels=[torch.tensor([0])])
