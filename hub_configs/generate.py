@@ -237,6 +237,53 @@ def tiny_config(dataset: str, backbone: str) -> dict:
     return config
 
 
+# ---- video Mask2Former (Cheng et al., 2021): the original's model zoo, YouTube-VIS 2019 and 2021 ------------------
+
+# The 40 classes of each release in the order of their category ids 1-40 (the releases' own category lists).
+YTVIS_CLASSES = {
+    "ytvis2019": (
+        "person|giant_panda|lizard|parrot|skateboard|sedan|ape|dog|snake|monkey|hand|rabbit|duck|cat|cow|fish|train|"
+        "horse|turtle|bear|motorbike|giraffe|leopard|fox|deer|owl|surfboard|airplane|truck|zebra|tiger|elephant|"
+        "snowboard|boat|shark|mouse|frog|eagle|earless_seal|tennis_racket"
+    ).split("|"),
+    "ytvis2021": (
+        "airplane|bear|bird|boat|car|cat|cow|deer|dog|duck|earless_seal|elephant|fish|flying_disc|fox|frog|"
+        "giant_panda|giraffe|horse|leopard|lizard|monkey|motorbike|mouse|parrot|person|rabbit|shark|skateboard|snake|"
+        "snowboard|squirrel|surfboard|tennis_racket|tiger|train|truck|turtle|whale|zebra"
+    ).split("|"),
+}
+VIDEO_BACKBONES = ["r50", "r101", "swin-tiny", "swin-small", "swin-base-IN21k", "swin-large-IN21k"]
+
+
+def video_test_size(backbone: str, dataset: str) -> int:
+    # INPUT.MIN_SIZE_TEST of the original configs: 360 for ResNets, 480 for Swin; the 2021 Swin-L config comments
+    # its 480 out ("OOM when using a larger test size") and keeps the base's 360.
+    if backbone.startswith("r") or (backbone == "swin-large-IN21k" and dataset == "ytvis2021"):
+        return 360
+    return 480
+
+
+def video_model_config(backbone: str, dataset: str) -> dict:
+    """The image model of the same backbone with the release's 40 classes (Swin-L: 200 queries, as its COCO model)."""
+    image_backbone = backbone.removesuffix("-IN21k") if backbone == "swin-large-IN21k" else backbone
+    config = model_config(image_backbone, "coco-instance")
+    classes = YTVIS_CLASSES[dataset]
+    config.update(
+        architectures=["VideoMask2FormerForVideoSegmentation"],
+        model_type="video_mask2former",
+        use_temporal_position_embedding=True,
+        id2label={str(index): name for index, name in enumerate(classes)},
+        label2id={name: index for index, name in enumerate(classes)},
+    )
+    return config
+
+
+def video_preprocessor_config(backbone: str, dataset: str) -> dict:
+    preprocessor = preprocessor_config(40, shortest_edge=video_test_size(backbone, dataset))
+    preprocessor["image_processor_type"] = "VideoMask2FormerVideoProcessor"
+    return preprocessor
+
+
 def all_configs() -> dict[str, tuple[dict, dict]]:
     """Folder name -> (config.json, preprocessor_config.json)."""
     folders = {}
@@ -254,6 +301,12 @@ def all_configs() -> dict[str, tuple[dict, dict]]:
         config = tiny_config("coco-panoptic", backbone)
         # small inputs too, so that tests through the processor stay fast
         folders[f"tiny-{backbone}-coco-panoptic"] = (config, preprocessor_config(133, shortest_edge=128))
+    for dataset in YTVIS_CLASSES:
+        for backbone in VIDEO_BACKBONES:
+            folders[f"video-mask2former-{backbone}-{dataset}"] = (
+                video_model_config(backbone, dataset),
+                video_preprocessor_config(backbone, dataset),
+            )
     return folders
 
 
