@@ -13,7 +13,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from torch.utils.cpp_extension import include_paths
+from torch.utils.cpp_extension import COMMON_NVCC_FLAGS, include_paths
 
 CSRC = Path(__file__).resolve().parents[3] / "modeling" / "ops" / "csrc"
 
@@ -35,9 +35,10 @@ def _our_warnings(stderr: str) -> list[str]:
 
 def test_kernels_and_binding_compile(tmp_path):
     torch_includes = [f"-I{path}" for path in include_paths()]
+    # The flags a CUDAExtension build gives nvcc: torch's common ones (no implicit half/bf16 conversions) + setup.py's.
     nvcc_command = [
         NVCC, "-c", str(CSRC / "cuda" / "ms_deform_attn_cuda.cu"), "-o", str(tmp_path / "kernels.o"),
-        "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-DUSE_CUDA", f"-I{CSRC}", *torch_includes,
+        *COMMON_NVCC_FLAGS, "-O3", "-std=c++17", "-DUSE_CUDA", "-lineinfo", f"-I{CSRC}", *torch_includes,
         "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
     ]  # fmt: skip
     compiler = os.environ.get("CXX", "g++")

@@ -50,6 +50,10 @@ CudaDtype cuda_dtype(const at::Tensor& value) {
 }
 
 CudaProblem make_problem(const at::Tensor& value, const at::Tensor& sampling_locations) {
+  TORCH_CHECK(sampling_locations.size(3) <= kCudaMaxLevels, "ms_deform_attn (CUDA): sampling_locations ",
+              sampling_locations.sizes(), " has ", sampling_locations.size(3), " levels; the CUDA kernels take at most ",
+              kCudaMaxLevels, " (raise kCudaMaxLevels in cuda/ms_deform_attn_cuda.h, or run the reference with ",
+              "use_backend(\"reference\"))");
   return CudaProblem{value.size(0), value.size(1), value.size(2), value.size(3),
                      sampling_locations.size(1), sampling_locations.size(3), sampling_locations.size(4)};
 }

@@ -30,17 +30,14 @@ struct CudaAccType<double> {
   using type = double;
 };
 
-// First row of `level` and whether the level lies inside the value tensor. The shapes live on the device, and a
-// malformed (L, 2) tensor must not read out of bounds: levels past num_values are treated as empty.
-__device__ __forceinline__ bool level_rows(const int64_t* spatial_shapes, int64_t level, int64_t num_values,
-                                           int64_t& start, int64_t& height, int64_t& width) {
-  start = 0;
-  for (int64_t previous = 0; previous < level; ++previous) {
-    start += spatial_shapes[2 * previous] * spatial_shapes[2 * previous + 1];
-  }
+// Whether `level` (its first row from the header's level_start_rows) lies inside the value tensor. The shapes live on
+// the device, where the binding cannot check them without a host sync, and a malformed (L, 2) tensor must not read
+// out of bounds: such levels are treated as empty.
+__device__ __forceinline__ bool level_inside(const int64_t* spatial_shapes, const int64_t* level_start, int64_t level,
+                                             int64_t num_values, int64_t& height, int64_t& width) {
   height = spatial_shapes[2 * level];
   width = spatial_shapes[2 * level + 1];
-  return height > 0 && width > 0 && start + height * width <= num_values;
+  return height > 0 && width > 0 && level_start[level] >= 0 && level_start[level] + height * width <= num_values;
 }
 
 template <typename scalar_t>
@@ -52,6 +49,8 @@ __global__ void forward_kernel(CudaProblem problem, const scalar_t* __restrict__
   const int64_t head_dim = problem.head_dim;
   const int64_t total = problem.batch * problem.num_queries * problem.num_heads * head_dim;
   const int64_t row_stride = problem.num_heads * head_dim;
+  int64_t level_start[kCudaMaxLevels];
+  level_start_rows(spatial_shapes, problem.num_levels, level_start);
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < total;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     // output (B, Q, h*D) flattened is exactly (b, q, head, channel)
@@ -61,10 +60,10 @@ __global__ void forward_kernel(CudaProblem problem, const scalar_t* __restrict__
     const int64_t batch_index = batch_query / problem.num_queries;
     acc_t accumulator = 0;
     for (int64_t level = 0; level < problem.num_levels; ++level) {
-      int64_t start, height, width;
-      if (!level_rows(spatial_shapes, level, problem.num_values, start, height, width)) continue;
+      int64_t height, width;
+      if (!level_inside(spatial_shapes, level_start, level, problem.num_values, height, width)) continue;
       const scalar_t* level_value =
-          value + (batch_index * problem.num_values + start) * row_stride + head * head_dim + channel;
+          value + (batch_index * problem.num_values + level_start[level]) * row_stride + head * head_dim + channel;
       const int64_t first_sample = ((batch_query * problem.num_heads + head) * problem.num_levels + level) *
                                    problem.num_points;
       for (int64_t point = 0; point < problem.num_points; ++point) {
@@ -102,6 +101,8 @@ __global__ void backward_kernel(CudaProblem problem, const scalar_t* __restrict_
   // Whole warps iterate together (padded total, stride a multiple of 32), so every lane reaches every shuffle.
   const int64_t padded_total = (total + kWarpSize - 1) / kWarpSize * kWarpSize;
   const int64_t row_stride = problem.num_heads * head_dim;
+  int64_t level_start[kCudaMaxLevels];
+  level_start_rows(spatial_shapes, problem.num_levels, level_start);
   for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < padded_total;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const bool active = index < total;
@@ -112,9 +113,10 @@ __global__ void backward_kernel(CudaProblem problem, const scalar_t* __restrict_
     const int64_t batch_index = batch_query / problem.num_queries;
     const acc_t grad = active ? static_cast<acc_t>(grad_output[thread_index]) : acc_t(0);
     for (int64_t level = 0; level < problem.num_levels; ++level) {
-      int64_t start, height, width;
-      const bool level_ok = level_rows(spatial_shapes, level, problem.num_values, start, height, width);
-      const int64_t level_offset = (batch_index * problem.num_values + start) * row_stride + head * head_dim + channel;
+      int64_t height, width;
+      const bool level_ok = level_inside(spatial_shapes, level_start, level, problem.num_values, height, width);
+      const int64_t level_offset =
+          (batch_index * problem.num_values + level_start[level]) * row_stride + head * head_dim + channel;
       const int64_t first_sample = ((batch_query * problem.num_heads + head) * problem.num_levels + level) *
                                    problem.num_points;
       for (int64_t point = 0; point < problem.num_points; ++point) {

@@ -9,6 +9,9 @@ namespace msda {
 
 enum class CudaDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
+// Each thread keeps the first row of every level in a local array of this size (the binding checks num_levels).
+constexpr int64_t kCudaMaxLevels = 16;
+
 struct CudaProblem {
   int64_t batch;
   int64_t num_values;   // S
