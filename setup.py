@@ -27,11 +27,15 @@ def _warn_fallback(reason: str) -> None:
 
 
 def _use_cuda(torch_module) -> bool:
+    """CUDA kernels when a toolkit is found and torch is a CUDA build (or FORCE_CUDA=1, e.g. no GPU visible)."""
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if os.environ.get("FORCE_CUDA") == "1":
-        return True
-    return torch_module.version.cuda is not None and CUDA_HOME is not None
+    if CUDA_HOME is None:  # CUDAExtension itself would fail: build the CPU kernels only, and say why
+        if os.environ.get("FORCE_CUDA") == "1":
+            warnings.warn("mask2former: FORCE_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME or put nvcc on "
+                          "PATH); building the CPU kernels only", stacklevel=1)  # fmt: skip
+        return False
+    return os.environ.get("FORCE_CUDA") == "1" or torch_module.version.cuda is not None
 
 
 def _extensions():

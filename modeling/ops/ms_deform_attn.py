@@ -10,8 +10,10 @@ the compiled op when it is built and has a kernel for the device and dtype, else
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -47,6 +49,21 @@ def _load_extension() -> str | None:
     return None
 
 
+def _cpu_head_major(like: torch.Tensor) -> torch.Tensor:
+    """An empty tensor shaped like ``like`` `(B, Q, h, ...)`, stored head-major `(h, B, Q, ...)`.
+
+    This is the one place on the Python side that knows the CPU backward's layout: csrc/cpu/binding.cpp allocates the
+    location and weight gradients head-major (each (batch, head) task of csrc/cpu/backward.cpp then writes one
+    contiguous run) and returns `(B, Q, h, L, P[, 2])` views of them. The fake kernel must give the same strides,
+    or graphs compiled against it would assume the wrong layout;
+    ``tests/modeling/ops/test_ms_deform_attn.py::test_backward_fake_gives_the_real_strides`` checks that they agree.
+    """
+    batch_size, num_queries, num_heads, *rest = like.shape
+    trailing = range(3, 3 + len(rest))
+    # (h, B, Q, ...) -> (B, Q, h, ...)
+    return like.new_empty((num_heads, batch_size, num_queries, *rest)).permute(1, 2, 0, *trailing)
+
+
 _EXTENSION_ERROR = _load_extension()
 EXTENSION_AVAILABLE = _EXTENSION_ERROR is None
 
@@ -72,23 +89,13 @@ if EXTENSION_AVAILABLE:
         attention_weights: torch.Tensor,
         grad_output: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if value.device.type != "cpu":
+        if value.device.type != "cpu":  # the CUDA kernels return contiguous gradients
             return (
                 value.new_empty(value.shape),
                 sampling_locations.new_empty(sampling_locations.shape),
                 attention_weights.new_empty(attention_weights.shape),
             )
-        # The CPU kernel stores the location and weight gradients head-major and returns (B, Q, h, L, P[, 2]) views.
-        batch_size, num_queries, num_heads, num_levels, num_points = attention_weights.shape
-        # (h, B, Q, L, P, 2) -> (B, Q, h, L, P, 2)
-        grad_locations = sampling_locations.new_empty(
-            (num_heads, batch_size, num_queries, num_levels, num_points, 2)
-        ).permute(1, 2, 0, 3, 4, 5)
-        # (h, B, Q, L, P) -> (B, Q, h, L, P)
-        grad_weights = attention_weights.new_empty(
-            (num_heads, batch_size, num_queries, num_levels, num_points)
-        ).permute(1, 2, 0, 3, 4)
-        return value.new_empty(value.shape), grad_locations, grad_weights
+        return value.new_empty(value.shape), _cpu_head_major(sampling_locations), _cpu_head_major(attention_weights)
 
     def _setup_context(ctx, inputs, output) -> None:
         value, spatial_shapes, sampling_locations, attention_weights = inputs
@@ -140,7 +147,8 @@ def use_backend(backend: str) -> Iterator[None]:
 
 
 def force_reference() -> contextlib.AbstractContextManager[None]:
-    """Context manager: run the pure-PyTorch ``grid_sample`` reference inside the block (e.g. for ONNX export)."""
+    """Deprecated alias of ``use_backend("reference")``, kept for callers written before :func:`use_backend`."""
+    warnings.warn('force_reference() is deprecated; use use_backend("reference")', DeprecationWarning, stacklevel=2)
     return use_backend("reference")
 
 
@@ -153,7 +161,7 @@ def compiled_supports(device: torch.device | str, dtype: torch.dtype) -> bool:
 def active_backend(device: torch.device | str, dtype: torch.dtype) -> str:
     """The path :func:`multi_scale_deformable_attention` takes for inputs on ``device`` in ``dtype``.
 
-    Returns "compiled" or "reference"; honours :func:`use_backend` / :func:`force_reference`.
+    Returns "compiled" or "reference"; honours :func:`use_backend`.
     """
     if _forced_backend is not None:
         return _forced_backend
@@ -232,6 +240,13 @@ def _check_inputs(
         )
 
 
+@functools.lru_cache(maxsize=64)
+def _spatial_shapes_tensor(shapes: tuple[tuple[int, int], ...], device: torch.device) -> torch.Tensor:
+    """`(L, 2)` int64 on ``device``, made once per shape list: a host-to-device copy per call would make every
+    call wait for the GPU to finish its queued work (a copy from pageable host memory synchronises the stream)."""
+    return torch.tensor(shapes, dtype=torch.long, device=device).view(-1, 2)
+
+
 def multi_scale_deformable_attention(
     value: torch.Tensor,
     value_spatial_shapes: torch.Tensor | Sequence[tuple[int, int]],
@@ -278,6 +293,8 @@ def multi_scale_deformable_attention(
     if isinstance(value_spatial_shapes, torch.Tensor):
         # (L, 2) int64 on value's device; a no-op when it is already there.
         spatial_shapes = value_spatial_shapes.to(device=value.device, dtype=torch.long)
-    else:
+    elif torch.compiler.is_compiling():  # traced: the tensor becomes a constant (or symbolic) input of the graph
         spatial_shapes = torch.tensor(value_spatial_shapes, dtype=torch.long, device=value.device).view(-1, 2)
+    else:
+        spatial_shapes = _spatial_shapes_tensor(tuple(map(tuple, value_spatial_shapes)), value.device)
     return torch.ops.mask2former.ms_deform_attn_forward(value, spatial_shapes, sampling_locations, attention_weights)

@@ -280,7 +280,7 @@ def test_torch_compile_fullgraph(shapes_as_tensor):
     (grad_compiled,) = torch.autograd.grad(output.sum(), features)
     (grad_eager,) = torch.autograd.grad(expected.sum(), features)
     torch.testing.assert_close(grad_compiled, grad_eager)
-    with force_reference():
+    with use_backend("reference"):
         reference = module(features, spatial_shapes)
     torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-5)
 
@@ -296,8 +296,7 @@ def test_torch_export_has_one_op_node():
     torch.testing.assert_close(exported.module()(features, shapes), module(features, shapes))
 
 
-def test_force_reference_runs_the_reference(monkeypatch):
-    value, locations, weights = make_inputs(requires_grad=False)
+def _spy_on_reference(monkeypatch) -> list:
     calls = []
     real_reference = dispatch_module.multi_scale_deformable_attention_reference
 
@@ -306,9 +305,15 @@ def test_force_reference_runs_the_reference(monkeypatch):
         return real_reference(*args)
 
     monkeypatch.setattr(dispatch_module, "multi_scale_deformable_attention_reference", spy)
+    return calls
+
+
+def test_use_backend_reference_runs_the_reference(monkeypatch):
+    value, locations, weights = make_inputs(requires_grad=False)
+    calls = _spy_on_reference(monkeypatch)
     multi_scale_deformable_attention(value, ODD_SHAPES, locations, weights)
     assert calls == []  # the compiled op ran
-    with force_reference():
+    with use_backend("reference"):
         assert active_backend("cpu", torch.float64) == "reference"
         multi_scale_deformable_attention(value, ODD_SHAPES, locations, weights)
     assert len(calls) == 1
@@ -316,6 +321,16 @@ def test_force_reference_runs_the_reference(monkeypatch):
     with pytest.raises(ValueError, match="backend must be one of"):
         with use_backend("cuda-graph"):
             pass
+
+
+def test_force_reference_is_a_deprecated_alias(monkeypatch):
+    value, locations, weights = make_inputs(requires_grad=False)
+    calls = _spy_on_reference(monkeypatch)
+    with pytest.warns(DeprecationWarning, match=r'use_backend\("reference"\)'), force_reference():
+        assert active_backend("cpu", torch.float64) == "reference"
+        multi_scale_deformable_attention(value, ODD_SHAPES, locations, weights)
+    assert len(calls) == 1
+    assert active_backend("cpu", torch.float64) == "compiled"
 
 
 def test_mixed_dtypes_run_in_the_promoted_dtype():
