@@ -6,7 +6,7 @@ format, scores them with ``mask2former.training.evaluate.evaluate_panoptic_files
 single-core ``pq_compute_single_core`` + ``pq_average``, and prints the largest metric difference and the time ratio.
 
     pip install --no-deps panopticapi-lite   # the COCO panoptic API (numpy + pillow only for evaluation)
-    python bench/bench_panoptic_quality.py --num-images 64 --image-size 256
+    python bench/panoptic_quality.py --num-images 64 --image-size 256
 
 Our timing includes decoding each image (records are complete examples), panopticapi reads only the PNGs.
 """
