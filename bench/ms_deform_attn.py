@@ -1,12 +1,17 @@
 """Benchmark: compiled multi-scale deformable attention against the grid_sample reference, in one process.
 
-Mask2Former pixel-decoder encoder shapes: levels at strides 8, 16, 32 of the input, 8 heads x 32 channels, 4 points,
-one query per value position. Prints min and median milliseconds of forward and forward+backward for both paths
-(ours and the reference timed alternately, so drifting machine speed affects both alike), their ratios, and the
-distance of our forward from a memory-bandwidth floor (bytes the forward must move / a measured copy bandwidth).
+Mask2Former pixel-decoder encoder shapes: levels at strides 8, 16, 32 of the input (padded to a multiple of 32, as
+the processor pads), 8 heads x 32 channels, 4 points, one query per value position. Prints min and median
+milliseconds of forward and forward+backward for both paths (ours and the reference timed alternately, so drifting
+machine speed affects both alike), their ratios, how far our forward is from the reference's (fp32: max absolute
+difference; bf16: against the fp32 reference on the same rounded inputs, relative to its largest magnitude), and
+the distance of our forward from a memory-bandwidth floor (bytes the forward must move / a measured copy bandwidth).
 
     python bench/ms_deform_attn.py                       # 512 and 1024 inputs, batch 1 and 2, 1 and 2 threads
     python bench/ms_deform_attn.py --sizes 512 --repeats 20 --threads 1 2
+    python bench/ms_deform_attn.py --device cuda --dtype bfloat16 --sizes 512 1024 1333x800 --batches 1 8
+
+A size is a square side or WIDTHxHEIGHT.
 """
 
 from __future__ import annotations
@@ -30,9 +35,24 @@ NUM_POINTS = 4
 STRIDES = (8, 16, 32)
 
 
-def make_inputs(image_size: int, batch_size: int, device: str, dtype: torch.dtype, requires_grad: bool):
-    """Encoder inputs for a square ``image_size`` input: every value position is also a query."""
-    spatial_shapes = [(image_size // stride, image_size // stride) for stride in STRIDES]
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512"`` -> (512, 512); ``"1333x800"`` (width x height) -> (800, 1333), as (height, width)."""
+    width, _, height = text.lower().partition("x")
+    try:
+        return (int(height or width), int(width))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r}: expected a side (512) or WIDTHxHEIGHT (1333x800)") from None
+
+
+def level_shapes(image_size: tuple[int, int]) -> list[tuple[int, int]]:
+    """(H, W) of the encoder levels of an input padded to a multiple of 32."""
+    height, width = (-(-side // 32) * 32 for side in image_size)
+    return [(height // stride, width // stride) for stride in STRIDES]
+
+
+def make_inputs(image_size: tuple[int, int], batch_size: int, device: str, dtype: torch.dtype, requires_grad: bool):
+    """Encoder inputs for an ``(H, W)`` input: every value position is also a query."""
+    spatial_shapes = level_shapes(image_size)
     num_values = sum(height * width for height, width in spatial_shapes)
     generator = torch.Generator().manual_seed(0)
     # (B, S, h, D)
@@ -95,8 +115,8 @@ def time_pair(ours, reference, repeats: int, device: str) -> tuple[tuple[float, 
 
 
 def copy_bandwidth_gbs(device: str) -> float:
-    """Read+write bandwidth of a 64 MiB tensor copy, in GB/s (the floor's denominator)."""
-    source = torch.empty(16 * 1024 * 1024, device=device)
+    """Read+write bandwidth of a tensor copy (64 MiB; 1 GiB on CUDA, past its L2), in GB/s: the floor's denominator."""
+    source = torch.empty((256 if device == "cuda" else 16) * 1024 * 1024, device=device)
     target = torch.empty_like(source)
     best, _ = time_call(lambda: target.copy_(source), 10, device)
     return 2 * source.numel() * source.element_size() / (best * 1e-3) / 1e9
@@ -108,9 +128,23 @@ def forward_bytes(value, sampling_locations, attention_weights) -> int:
     return sum(t.numel() * t.element_size() for t in (value, sampling_locations, attention_weights)) + output_bytes
 
 
+def forward_difference(ours: torch.Tensor, inputs: tuple) -> float:
+    """fp32/fp64: max |ours - reference|; lower precisions: against the fp32 reference of the same (rounded) inputs,
+    divided by the reference's largest magnitude."""
+    value, shapes, locations, weights = inputs
+    with torch.no_grad():
+        if ours.dtype in (torch.float32, torch.float64):
+            reference = multi_scale_deformable_attention_reference(value, shapes, locations, weights)
+            return (ours - reference).abs().max().item()
+        widened = (value.float(), shapes, locations.float(), weights.float())
+        reference = multi_scale_deformable_attention_reference(*widened)
+        return ((ours.float() - reference).abs().max() / reference.abs().max()).item()
+
+
 def run_case(
-    image_size: int, batch_size: int, device: str, dtype: torch.dtype, repeats: int, bandwidth: float
-) -> None:
+    image_size: tuple[int, int], batch_size: int, device: str, dtype: torch.dtype, repeats: int, bandwidth: float
+) -> dict[str, float]:
+    """Times one shape on both paths; prints one line and returns its figures (milliseconds, ratios, difference)."""
     value, shapes, locations, weights = make_inputs(image_size, batch_size, device, dtype, requires_grad=True)
     shapes_tensor = torch.tensor(shapes, device=device)
 
@@ -136,20 +170,38 @@ def run_case(
     ours_fwd, ref_fwd = time_pair(ours_forward, reference_forward, repeats, device)
     ours_both, ref_both = time_pair(ours_forward_backward, reference_forward_backward, repeats, device)
     floor_ms = forward_bytes(value, locations, weights) / (bandwidth * 1e9) * 1e3
+    difference = forward_difference(ours_forward(), (value.detach(), shapes, locations.detach(), weights.detach()))
+    height, width = image_size
+    label = f"{width}x{height}" if height != width else str(width)
     print(
-        f"{image_size:>5} {batch_size:>2} {torch.get_num_threads():>2} | "
+        f"{label:>9} {batch_size:>2} {torch.get_num_threads():>2} | "
         f"fwd ours {ours_fwd[0]:8.2f} / {ours_fwd[1]:8.2f}  ref {ref_fwd[0]:8.1f} / {ref_fwd[1]:8.1f}  "
         f"x{ref_fwd[0] / ours_fwd[0]:6.1f} (median x{ref_fwd[1] / ours_fwd[1]:6.1f}) | "
         f"fwd+bwd ours {ours_both[0]:8.2f} / {ours_both[1]:8.2f}  ref {ref_both[0]:8.1f} / {ref_both[1]:8.1f}  "
         f"x{ref_both[0] / ours_both[0]:6.1f} (median x{ref_both[1] / ours_both[1]:6.1f}) | "
-        f"floor {floor_ms:6.2f} ms, ours/floor {ours_fwd[0] / floor_ms:4.1f}",
+        f"floor {floor_ms:6.2f} ms, ours/floor {ours_fwd[0] / floor_ms:4.1f} | difference {difference:.1e}",
         flush=True,
     )
+    return {
+        "forward_ours_ms": ours_fwd[0],
+        "forward_ours_median_ms": ours_fwd[1],
+        "forward_reference_ms": ref_fwd[0],
+        "forward_reference_median_ms": ref_fwd[1],
+        "forward_speedup": ref_fwd[0] / ours_fwd[0],
+        "forward_backward_ours_ms": ours_both[0],
+        "forward_backward_ours_median_ms": ours_both[1],
+        "forward_backward_reference_ms": ref_both[0],
+        "forward_backward_reference_median_ms": ref_both[1],
+        "forward_backward_speedup": ref_both[0] / ours_both[0],
+        "floor_ms": floor_ms,
+        "forward_difference": difference,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024], help="square input image sizes")
+    parser.add_argument("--sizes", type=parse_size, nargs="+", default=[(512, 512), (1024, 1024)],
+                        help="input sizes: a square side or WIDTHxHEIGHT")  # fmt: skip
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts")
     parser.add_argument("--repeats", type=int, default=20, help="timed repetitions per measurement (min, median)")
@@ -159,7 +211,7 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     print(f"torch {torch.__version__}; {extension_status()}; device {args.device}; dtype {args.dtype}")
     print("times in ms as min / median; ratios = reference / ours; floor = bytes moved / copy bandwidth")
-    print(" size  B  T | forward | forward+backward | bandwidth floor")
+    print("     size  B  T | forward | forward+backward | bandwidth floor | forward difference")
     thread_counts = args.threads if args.device == "cpu" else [torch.get_num_threads()]
     for threads in thread_counts:
         torch.set_num_threads(threads)
