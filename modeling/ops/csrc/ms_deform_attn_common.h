@@ -169,6 +169,17 @@ MSDA_HOST_DEVICE MSDA_INLINE void sample_gradient(
   d_loc_y = d_y * static_cast<acc_t>(height);
 }
 
+// Sizes of one call: value (B, S, h, D), sampling_locations (B, Q, h, L, P, 2).
+struct ProblemSizes {
+  int64_t batch;        // B
+  int64_t num_values;   // S
+  int64_t num_heads;    // h
+  int64_t head_dim;     // D
+  int64_t num_queries;  // Q
+  int64_t num_levels;   // L
+  int64_t num_points;   // P
+};
+
 // Start row of every level in the flattened value (prefix sums of H_l * W_l); returns the total row count.
 MSDA_HOST_DEVICE MSDA_INLINE int64_t level_start_rows(const int64_t* spatial_shapes, int64_t num_levels,
                                                       int64_t* level_start) {

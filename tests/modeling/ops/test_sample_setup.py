@@ -5,23 +5,16 @@ rows and the bilinear weights of 8 (fp32) or 4 (fp64) samples per vector step wi
 kernels compute them one sample at a time in the header's ``bilinear_sample``. This compiles a host program against
 both and checks, bit for bit, that they agree on every sample: inside, partly inside, wholly outside, on exact
 integer pixel coordinates, at the -1 / W borders, NaN and huge locations, for fp32, fp64 and bf16 inputs, with sample
-counts that leave partial vectors. Skipped only where no C++ compiler is found.
+counts that leave partial vectors. Skipped only where no C++ compiler is found (conftest.py builds the program).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 from torch.utils.cpp_extension import include_paths
-
-CSRC = Path(__file__).resolve().parents[3] / "modeling" / "ops" / "csrc"
-COMPILER = shutil.which(os.environ.get("CXX", "g++"))
-pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler found")
 
 # Reads: L, then L lines "H W", then P, then Q (queries), then Q * L * P lines "x y" (sample order query, level,
 # point). For each of fp32, fp64 and bf16 inputs prints one line: "<dtype> <samples> <inside> <mismatches>", where a
@@ -94,19 +87,10 @@ int main() {
 
 
 @pytest.fixture(scope="module")
-def setup_program(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("sample_setup")
-    source = directory / "sample_setup_check.cpp"
-    source.write_text(PROGRAM)
-    binary = directory / "sample_setup_check"
-    torch_includes = [f"-I{path}" for path in include_paths()]
+def setup_program(host_programs) -> Path:
     # The extension's own flags (setup.py), so the check sees the code the kernels compile to.
-    result = subprocess.run(
-        [COMPILER, "-std=c++20", "-O3", "-Wall", f"-I{CSRC}", *torch_includes, str(source), "-o", str(binary)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    return binary
+    torch_includes = [f"-I{path}" for path in include_paths()]
+    return host_programs.build("sample_setup_check", PROGRAM, ["-std=c++20", "-O3", *torch_includes])
 
 
 def _locations(shapes: list[tuple[int, int]], num_points: int, num_queries: int) -> torch.Tensor:
@@ -132,20 +116,18 @@ def _locations(shapes: list[tuple[int, int]], num_points: int, num_queries: int)
     return torch.tensor(rows, dtype=torch.float64)
 
 
-def _run(binary: Path, shapes, num_points: int, locations: torch.Tensor, num_queries: int) -> list[str]:
+def _run(host_programs, binary: Path, shapes, num_points: int, locations: torch.Tensor, num_queries: int) -> list[str]:
     lines = [str(len(shapes)), *(f"{height} {width}" for height, width in shapes), f"{num_points} {num_queries}"]
     lines += [" ".join(repr(float(value)) for value in pair) for pair in locations.tolist()]
-    result = subprocess.run([str(binary)], input="\n".join(lines), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.splitlines()
+    return host_programs.run(binary, lines)
 
 
 @pytest.mark.parametrize("num_queries", [7, 16], ids=["partial-vectors", "whole-vectors"])
-def test_vector_setup_matches_the_one_sample_form(setup_program, num_queries):
+def test_vector_setup_matches_the_one_sample_form(host_programs, setup_program, num_queries):
     shapes, num_points = [(5, 7), (3, 4), (1, 2)], 3  # 9 samples per query: vectors straddle queries
     locations = _locations(shapes, num_points, num_queries)
     locations = torch.cat([locations, torch.tensor([[float("nan"), 0.5]] * (num_points * len(shapes)))])
-    output = _run(setup_program, shapes, num_points, locations, num_queries + 1)
+    output = _run(host_programs, setup_program, shapes, num_points, locations, num_queries + 1)
     summaries = [line.split() for line in output if not line.startswith("mismatch")]
     assert [summary[0] for summary in summaries] == ["float32", "float64", "bfloat16"], output
     for name, samples, inside, mismatches in summaries:

@@ -8,18 +8,11 @@ instantiations of the building blocks agree bit for bit. Skipped only where no C
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-
-CSRC = Path(__file__).resolve().parents[3] / "modeling" / "ops" / "csrc"
-COMPILER = shutil.which(os.environ.get("CXX", "g++"))
-pytestmark = pytest.mark.skipif(COMPILER is None, reason="no C++ compiler found")
 
 # Reads: H W, then H*W map values (row-major), then N, then N lines "loc_x loc_y grad". Prints per point:
 # sampled value, d_sample, d_loc_x, d_loc_y through bilinear_sample / sample_channel / sample_gradient (double), and
@@ -77,29 +70,17 @@ int main() {
 
 
 @pytest.fixture(scope="module")
-def header_program(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("shared_header")
-    source = directory / "header_check.cpp"
-    source.write_text(PROGRAM)
-    binary = directory / "header_check"
-    result = subprocess.run(
-        [COMPILER, "-std=c++17", "-O2", "-Wall", f"-I{CSRC}", str(source), "-o", str(binary)],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stdout + result.stderr
-    return binary
+def header_program(host_programs) -> Path:
+    return host_programs.build("header_check", PROGRAM, ["-std=c++17", "-O2"])
 
 
-def _run(binary: Path, value_map: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+def _run(host_programs, binary: Path, value_map: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     height, width = value_map.shape
     lines = [f"{height} {width}", " ".join(repr(v) for v in value_map.flatten().tolist()), str(len(points))]
     lines += [" ".join(repr(v) for v in point) for point in points.tolist()]
-    result = subprocess.run([str(binary)], input="\n".join(lines), capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
     # (N, 5): value, d_sample, d_loc_x, d_loc_y, same_bits
-    return torch.tensor(
-        [[float(field) for field in line.split()] for line in result.stdout.splitlines()], dtype=torch.float64
-    )
+    output = host_programs.run(binary, lines)
+    return torch.tensor([[float(field) for field in line.split()] for line in output], dtype=torch.float64)
 
 
 def _grid_sample_oracle(value_map: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -115,7 +96,7 @@ def _grid_sample_oracle(value_map: torch.Tensor, points: torch.Tensor) -> torch.
     return torch.stack([sampled, sampled * points[:, 2], grad_locations[:, 0], grad_locations[:, 1]], 1)
 
 
-def test_scalar_sampling_math_matches_grid_sample(header_program):
+def test_scalar_sampling_math_matches_grid_sample(host_programs, header_program):
     generator = torch.Generator().manual_seed(0)
     height, width = 4, 8  # powers of two: the exact-integer points below are exact in binary
     value_map = torch.randn(height, width, generator=generator, dtype=torch.float64)
@@ -134,7 +115,7 @@ def test_scalar_sampling_math_matches_grid_sample(header_program):
     grads = torch.randn(len(locations), 1, generator=generator, dtype=torch.float64)
     points = torch.cat([locations, grads], 1)
 
-    ours = _run(header_program, value_map, points)
+    ours = _run(host_programs, header_program, value_map, points)
     oracle = _grid_sample_oracle(value_map, points)
     torch.testing.assert_close(ours[:, :4], oracle, rtol=0, atol=1e-12)
     assert bool((ours[:, 4] == 1).all()), "scalar and vector instantiations of the header disagree"
@@ -142,8 +123,8 @@ def test_scalar_sampling_math_matches_grid_sample(header_program):
     assert (ours[:, 0] == 0).any() and (ours[:, 0] != 0).any()
 
 
-def test_nan_location_samples_zero(header_program):
+def test_nan_location_samples_zero(host_programs, header_program):
     value_map = torch.ones(3, 5, dtype=torch.float64)
     points = torch.tensor([[float("nan"), 0.5, 1.0], [0.5, float("nan"), 1.0]], dtype=torch.float64)
-    ours = _run(header_program, value_map, points)
+    ours = _run(host_programs, header_program, value_map, points)
     assert torch.equal(ours[:, :4], torch.zeros(2, 4, dtype=torch.float64))

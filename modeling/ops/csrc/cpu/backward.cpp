@@ -17,6 +17,15 @@ namespace mask2former {
 namespace msda {
 namespace {
 
+// A sample with no corner inside the map gets zero dot products (so zero location and weight gradients) and makes
+// no grad_value update.
+template <typename acc_t>
+MSDA_ALWAYS_INLINE bool outside_the_map(const SampleSetup<acc_t>& setup, int64_t index, acc_t* dot_sums) {
+  if (setup.inside[index]) return false;
+  for (int corner = 0; corner < 4; ++corner) dot_sums[corner] = acc_t(0);
+  return true;
+}
+
 // One (batch, head) task of the backward pass. The task owns grad_value[b, :, head, :] (accumulated in an acc_t tile,
 // fp32 for bf16 inputs, with a zero row that takes the weight-0 updates of outside corners) and the (b, head) run of
 // the head-major location/weight gradients, and walks its queries in order, so there are no atomics and every
@@ -115,11 +124,7 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
         }
         for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
           acc_t* dot_sums = block_dots.data() + 4 * index;
-          // No corner inside the map: zero gradients, no grad_value update.
-          if (!setup.inside[index]) {
-            for (int corner = 0; corner < 4; ++corner) dot_sums[corner] = acc_t(0);
-            continue;
-          }
+          if (outside_the_map(setup, index, dot_sums)) continue;
           const acc_t attention = static_cast<acc_t>(block_attention[index]);
           vec_t dots[4] = {vec_t{}, vec_t{}, vec_t{}, vec_t{}};
           for (int corner = 0; corner < 4; ++corner) {
@@ -146,10 +151,7 @@ MSDA_ALWAYS_INLINE void backward_task(const Problem& problem, const scalar_t* va
 #endif
       for (int64_t index = first_index; index < first_index + samples_per_head; ++index) {
         acc_t* dot_sums = block_dots.data() + 4 * index;
-        if (!setup.inside[index]) {
-          for (int corner = 0; corner < 4; ++corner) dot_sums[corner] = acc_t(0);
-          continue;
-        }
+        if (outside_the_map(setup, index, dot_sums)) continue;
         const acc_t attention = static_cast<acc_t>(block_attention[index]);
         const scalar_t* value0 = head_value + setup.row[0][index];
         const scalar_t* value1 = head_value + setup.row[1][index];

@@ -10,17 +10,13 @@
 
 #include <cstdint>
 
+#include "ms_deform_attn_common.h"
+
 namespace mask2former {
 namespace msda {
 
-struct Problem {
-  int64_t batch;
-  int64_t num_values;   // S
-  int64_t num_heads;    // h
-  int64_t head_dim;     // D
-  int64_t num_queries;  // Q
-  int64_t num_levels;   // L
-  int64_t num_points;   // P
+// The sizes, plus the strides and level tables the CPU kernels read.
+struct Problem : ProblemSizes {
   // Element strides of value (and of the grad_value buffer) along batch, position and head; channels are contiguous.
   int64_t value_batch_stride;
   int64_t value_row_stride;

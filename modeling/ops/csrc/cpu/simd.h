@@ -64,35 +64,21 @@ struct AccType<c10::BFloat16> {
 #define MSDA_HAVE_VECTOR_EXTENSIONS 1
 // Channel vectors of 32 bytes: one AVX register on AVX2/AVX-512, two SSE registers on baseline x86-64, NEON
 // elsewhere.
+// fp32 and fp64: loads and stores of the element type itself (8 or 4 lanes).
 template <typename scalar_t>
-struct ChannelVector;
-
-template <>
-struct ChannelVector<float> {
-  using acc_t = float;
-  typedef float vec_t __attribute__((vector_size(32)));
-  static constexpr int kLanes = 8;
-  static MSDA_ALWAYS_INLINE vec_t load(const float* row) {
+struct ChannelVector {
+  using acc_t = scalar_t;
+  typedef scalar_t vec_t __attribute__((vector_size(32)));
+  static constexpr int kLanes = 32 / static_cast<int>(sizeof(scalar_t));
+  static MSDA_ALWAYS_INLINE vec_t load(const scalar_t* row) {
     vec_t result;
     std::memcpy(&result, row, sizeof(result));
     return result;
   }
-  static MSDA_ALWAYS_INLINE void store(float* row, vec_t vector) { std::memcpy(row, &vector, sizeof(vector)); }
+  static MSDA_ALWAYS_INLINE void store(scalar_t* row, vec_t vector) { std::memcpy(row, &vector, sizeof(vector)); }
 };
 
-template <>
-struct ChannelVector<double> {
-  using acc_t = double;
-  typedef double vec_t __attribute__((vector_size(32)));
-  static constexpr int kLanes = 4;
-  static MSDA_ALWAYS_INLINE vec_t load(const double* row) {
-    vec_t result;
-    std::memcpy(&result, row, sizeof(result));
-    return result;
-  }
-  static MSDA_ALWAYS_INLINE void store(double* row, vec_t vector) { std::memcpy(row, &vector, sizeof(vector)); }
-};
-
+// bf16: loaded into fp32 lanes, rounded back on store.
 template <>
 struct ChannelVector<c10::BFloat16> {
   using acc_t = float;

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "ms_deform_attn_common.h"
+
 namespace mask2former {
 namespace msda {
 
@@ -12,15 +14,7 @@ enum class CudaDtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16
 // Each thread keeps the first row of every level in a local array of this size (the binding checks num_levels).
 constexpr int64_t kCudaMaxLevels = 16;
 
-struct CudaProblem {
-  int64_t batch;
-  int64_t num_values;   // S
-  int64_t num_heads;    // h
-  int64_t head_dim;     // D
-  int64_t num_queries;  // Q
-  int64_t num_levels;   // L
-  int64_t num_points;   // P
-};
+using CudaProblem = ProblemSizes;
 
 // All tensors contiguous on one device; spatial_shapes is the (L, 2) int64 tensor's device pointer (read by the
 // kernels, never by the host). `stream` is a cudaStream_t. Returns a cudaError_t (0 on success).
