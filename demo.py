@@ -74,11 +74,11 @@ def segment_held_out(output_dir: Path, recipe_name: str, num_overlays: int) -> d
     from tqdm.auto import tqdm
 
     from mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
+    from mask2former.processing.tasks import post_process
     from mask2former.processing.visualization import draw_panoptic_segmentation
     from mask2former.training.build_data import build_data
-    from mask2former.training.evaluate import build_evaluator
-    from mask2former.training.train import build_parser as build_train_parser
-    from mask2former.training.train import load_recipe, post_process, resolve_settings
+    from mask2former.training.metrics import build_evaluator
+    from mask2former.training.settings import TrainArguments, load_recipe, resolve_settings
 
     model_dir = output_dir / "model"
     model = Mask2FormerForUniversalSegmentation.from_pretrained(model_dir).eval()
@@ -89,9 +89,7 @@ def segment_held_out(output_dir: Path, recipe_name: str, num_overlays: int) -> d
     )
     stock_loads_cleanly = not any(loading_info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys"))
 
-    settings = resolve_settings(
-        build_train_parser().parse_args(["--recipe", recipe_name, "--output-dir", str(output_dir)])
-    )
+    settings = resolve_settings(TrainArguments(recipe=recipe_name, output_dir=output_dir))
     data = build_data(settings, processor)
     id2label = model.config.id2label
     evaluator = build_evaluator(settings.task, data.label_info)
@@ -112,9 +110,9 @@ def segment_held_out(output_dir: Path, recipe_name: str, num_overlays: int) -> d
             outputs,
             settings.task,
             target_sizes,
-            data.label_info,
-            settings.recipe.get("inference"),
             pixel_mask=batch["pixel_mask"],
+            inference=settings.inference,
+            label_ids_to_fuse=data.label_info.stuff_ids,
         )
         evaluator.update(predictions, targets)
         for record, prediction, target in zip(records, predictions, targets):

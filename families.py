@@ -47,6 +47,8 @@ class ModelFamily:
         export_outputs (`tuple[str, ...]`): the output fields the exported inference graph returns, in order.
         transformers_class (`type`, *optional*): transformers' class that loads the same checkpoints, if any (the
             demo checks that stock transformers loads what we save).
+        backbone_prefix (`str`): where the backbone's parameters start in the model's state dict (the optimizer
+            gives them the recipe's ``backbone_lr_multiplier``; pretrained backbone weights are loaded there).
     """
 
     model_type: str
@@ -57,6 +59,7 @@ class ModelFamily:
     output_class: type
     export_outputs: tuple[str, ...] = ("class_queries_logits", "masks_queries_logits")
     transformers_class: type | None = None
+    backbone_prefix: str = "model.pixel_level_module.encoder."
 
 
 FAMILIES: dict[str, ModelFamily] = {

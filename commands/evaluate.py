@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from mask2former.processing.tasks import TASKS, VIDEO_TASKS
+from mask2former.training.evaluate import evaluate_instance_files, evaluate_panoptic_files, evaluate_semantic_files
 
 HELP = (
     "Score panoptic / instance / semantic / video-instance prediction files (PQ, mask AP, mIoU, video AP) and print "
@@ -55,12 +56,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from mask2former.training.evaluate import (
-        evaluate_instance_files,
-        evaluate_panoptic_files,
-        evaluate_semantic_files,
-    )
-
     on_bad_input = "skip" if args.skip_bad_input else "raise"
     split = args.split
     if args.task == "semantic" and (args.ground_truth / "images").is_dir() and split == "val2017":

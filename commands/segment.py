@@ -22,14 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from tqdm.auto import tqdm
 
-from mask2former.processing.tasks import TASKS
+from mask2former.families import family_of
+from mask2former.processing.tasks import TASKS, post_process
+from mask2former.processing.visualization import (
+    draw_instance_segmentation,
+    draw_panoptic_segmentation,
+    draw_semantic_segmentation,
+)
 
 HELP = "segment images (files or folders) and write overlay PNGs and JSON results"
 
@@ -127,8 +136,6 @@ def _label(id2label: dict[int, str], label_id: int) -> str:
 
 
 def _write_panoptic(result: dict[str, Any], image: Image.Image, stem: str, output_dir: Path, id2label) -> None:
-    from mask2former.processing.visualization import draw_panoptic_segmentation
-
     segment_map = result["segmentation"].cpu().numpy()
     segments = []
     for info in result["segments_info"]:
@@ -149,8 +156,6 @@ def _write_panoptic(result: dict[str, Any], image: Image.Image, stem: str, outpu
 
 
 def _write_instance(result: dict[str, Any], image: Image.Image, stem: str, output_dir: Path, id2label) -> None:
-    from mask2former.processing.visualization import draw_instance_segmentation
-
     segmentation = result["segmentation"].cpu().numpy()
     if segmentation.ndim == 3:  # (N, H, W) binary maps (return_binary_maps=True): instances may overlap
         maps = segmentation.astype(bool)
@@ -177,8 +182,6 @@ def _write_instance(result: dict[str, Any], image: Image.Image, stem: str, outpu
 
 
 def _write_semantic(result: Any, image: Image.Image, stem: str, output_dir: Path, id2label) -> None:
-    from mask2former.processing.visualization import draw_semantic_segmentation
-
     label_map = result.cpu().numpy().astype(np.int64)
     # 16 bits: room for any number of classes a model is likely to have (ADE20K-full has 847)
     Image.fromarray(label_map.astype(np.uint16)).save(output_dir / f"{stem}.semantic.png")
@@ -196,8 +199,6 @@ def _write_json(path: Path, content: dict[str, Any], compact: bool = False) -> N
 
 
 def _resolve_device(device: str) -> Any:
-    import torch
-
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -205,19 +206,22 @@ def _resolve_device(device: str) -> Any:
     return torch.device(device)
 
 
-def load_model_and_processor(model_id: str, device: Any) -> tuple[Any, Any]:
-    """Our model and processor from a Hub id or a local folder (the processor's defaults if it has none)."""
-    from mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-
+def load_model_and_processor(model_id: str, device: Any, task: str | None = None) -> tuple[Any, Any]:
+    """The model and processor of its family from a Hub id or a local folder (the processor's defaults if it has
+    none). Raises ``ValueError`` when the family cannot do ``task``."""
     looks_like_path = Path(model_id).is_absolute() or model_id.startswith(".") or model_id.count("/") > 1
     if looks_like_path and not Path(model_id).is_dir():
         raise ValueError(f"--model {model_id}: no such folder; give a model folder or a Hub id (facebook/...).")
-    model = Mask2FormerForUniversalSegmentation.from_pretrained(model_id).to(device).eval()
+    family = family_of(model_id)
+    if task is not None and task not in family.tasks:
+        raise ValueError(f"--task {task}: a {family.model_type} model does {', '.join(family.tasks)} segmentation.")
+    model = family.model_class.from_pretrained(model_id).to(device).eval()
     try:
-        processor = Mask2FormerImageProcessor.from_pretrained(model_id)
+        processor = family.processor_class.from_pretrained(model_id)
     except OSError:
-        print(f"note: {model_id} has no preprocessor_config.json; using Mask2FormerImageProcessor's defaults")
-        processor = Mask2FormerImageProcessor()
+        name = family.processor_class.__name__
+        print(f"note: {model_id} has no preprocessor_config.json; using {name}'s defaults", file=sys.stderr)
+        processor = family.processor_class()
     return model, processor
 
 
@@ -235,9 +239,6 @@ def segment(
     Returns:
         `(written, skipped)`: the input files processed, and ``(file, reason)`` for those that were not.
     """
-    import torch
-    from tqdm.auto import tqdm
-
     if task not in TASKS:
         raise ValueError(f"--task {task!r} is not one of {', '.join(TASKS)}.")
     if batch_size < 1:
@@ -248,7 +249,7 @@ def segment(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     torch_device = _resolve_device(device)
-    model, processor = load_model_and_processor(model_id, torch_device)
+    model, processor = load_model_and_processor(model_id, torch_device, task)
     id2label = {int(key): value for key, value in model.config.id2label.items()}
 
     written: list[Path] = []
@@ -270,17 +271,18 @@ def segment(
         with torch.inference_mode():
             outputs = model(pixel_values=model_inputs["pixel_values"], pixel_mask=model_inputs.get("pixel_mask"))
         target_sizes = [(image.height, image.width) for image in images]
-        post_kwargs = {"target_sizes": target_sizes}
-        if "pixel_mask" in model_inputs:  # our processor recovers each image's exact valid region from it
-            post_kwargs["pixel_mask"] = model_inputs["pixel_mask"]
-        if task == "panoptic":
-            results = processor.post_process_panoptic_segmentation(outputs, threshold=threshold, **post_kwargs)
-        elif task == "instance":
-            results = processor.post_process_instance_segmentation(
-                outputs, threshold=threshold, return_binary_maps=True, **post_kwargs
-            )
-        else:
-            results = processor.post_process_semantic_segmentation(outputs, **post_kwargs)
+        inference = {"threshold": threshold}
+        if task == "instance":
+            inference["overlap_mask_area_threshold"] = 0.8
+        results = post_process(
+            processor,
+            outputs,
+            task,
+            target_sizes,
+            pixel_mask=model_inputs.get("pixel_mask"),  # each image's exact valid region
+            inference=inference,
+            instance_format="binary_maps",  # drawn, and written as RLE by _write_instance
+        )
         writer = {"panoptic": _write_panoptic, "instance": _write_instance, "semantic": _write_semantic}[task]
         for (file, stem), image, result in zip(entries, images, results):
             writer(result, image, stem, output_dir, id2label)

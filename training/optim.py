@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-# Parameters of the backbone live under this prefix in transformers' (and our) state-dict layout.
+# Parameters of Mask2Former's backbone live under this prefix in transformers' (and our) state-dict layout.
 BACKBONE_PREFIX = "model.pixel_level_module.encoder."
 _NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)
 # Parameters that are embeddings although they are not nn.Embedding modules (Swin's tables, the pixel decoder's
@@ -46,14 +46,17 @@ def _parameter_kinds(model: nn.Module) -> dict[str, str]:
     return kinds
 
 
-def build_param_groups(model: nn.Module, optimizer_config: dict[str, Any]) -> list[dict[str, Any]]:
-    """Split a Mask2Former's parameters into AdamW groups by (backbone or not) × (weight-decay kind).
+def build_param_groups(
+    model: nn.Module, optimizer_config: dict[str, Any], backbone_prefix: str = BACKBONE_PREFIX
+) -> list[dict[str, Any]]:
+    """Split a model's parameters into AdamW groups by (backbone or not) × (weight-decay kind).
 
     Args:
-        model: a `Mask2FormerForUniversalSegmentation` (or anything whose backbone parameters start with
-            ``model.pixel_level_module.encoder.``), not yet wrapped by DDP.
+        model: a `Mask2FormerForUniversalSegmentation` (or any model of a family), not yet wrapped by DDP.
         optimizer_config: the recipe's ``optimizer`` dict: ``lr``, ``weight_decay``, ``weight_decay_norm``,
             ``weight_decay_embedding``, ``backbone_lr_multiplier``.
+        backbone_prefix: where the backbone's parameters start in the state dict (the family's
+            ``backbone_prefix``; Mask2Former's by default).
 
     Returns:
         A list of param-group dicts (``params``, ``lr``, ``weight_decay``, ``name``) with no empty group; every
@@ -71,7 +74,7 @@ def build_param_groups(model: nn.Module, optimizer_config: dict[str, Any]) -> li
     for name, param in model.named_parameters():
         if name not in kinds:  # frozen
             continue
-        in_backbone = name.startswith(BACKBONE_PREFIX)
+        in_backbone = name.startswith(backbone_prefix)
         key = (in_backbone, kinds[name])
         if key not in groups:
             groups[key] = {
@@ -84,13 +87,15 @@ def build_param_groups(model: nn.Module, optimizer_config: dict[str, Any]) -> li
     return [groups[key] for key in sorted(groups)]
 
 
-def build_optimizer(model: nn.Module, optimizer_config: dict[str, Any]) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: nn.Module, optimizer_config: dict[str, Any], backbone_prefix: str = BACKBONE_PREFIX
+) -> torch.optim.Optimizer:
     """AdamW over `build_param_groups` (the only optimizer the paper uses)."""
     name = optimizer_config.get("name", "adamw").lower()
     if name != "adamw":
         raise ValueError(f"optimizer name {name!r} is not supported; use 'adamw' (the paper's optimizer)")
     return torch.optim.AdamW(
-        build_param_groups(model, optimizer_config),
+        build_param_groups(model, optimizer_config, backbone_prefix),
         lr=float(optimizer_config["lr"]),
         betas=tuple(optimizer_config.get("betas", (0.9, 0.999))),
         eps=float(optimizer_config.get("eps", 1e-8)),

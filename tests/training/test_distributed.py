@@ -15,7 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mask2former.training.train import list_checkpoints, load_recipe
+from mask2former.training.checkpoints import list_checkpoints
+from mask2former.training.settings import load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 

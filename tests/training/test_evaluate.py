@@ -5,7 +5,7 @@ import pytest
 from scipy import ndimage
 
 from mask2former.training.data import load_dataset_for_segmentation, semantic_label_map
-from mask2former.training.evaluate import (
+from mask2former.training.metrics import (
     InstanceEvaluator,
     PanopticEvaluator,
     SemanticEvaluator,
@@ -245,7 +245,7 @@ def test_instance_evaluator_with_a_coco_json_and_binary_maps(sample, coco_sample
 
 def test_gather_sums_statistics_across_processes(sample, monkeypatch):
     """Two "processes" each see one image: the gathered result equals one process seeing both."""
-    import mask2former.training.evaluate as evaluate_module
+    import mask2former.training.metrics as metrics_module
 
     records, label_info = sample
     segment_map, label_of, _ = _perturb(records[1], label_info)
@@ -256,7 +256,7 @@ def test_gather_sums_statistics_across_processes(sample, monkeypatch):
     first.update(predictions[:1], records[:1])
     second.update(predictions[1:], records[1:])
     expected = single.compute()
-    monkeypatch.setattr(evaluate_module, "_gather", lambda objects: [objects, second.statistics])
+    monkeypatch.setattr(metrics_module, "_gather", lambda objects: [objects, second.statistics])
     assert first.compute() == pytest.approx(expected)
     assert expected["PQ"] < 100
 

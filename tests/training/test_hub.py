@@ -181,7 +181,7 @@ def hub_client_env(endpoint: str) -> dict[str, str]:
 
 def _tiny_model_and_processor():
     from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-    from mask2former.training.train import load_recipe
+    from mask2former.training.settings import load_recipe
 
     recipe = load_recipe("tiny-test")
     labels = {"id2label": {0: "circle", 1: "sky"}, "label2id": {"circle": 0, "sky": 1}}

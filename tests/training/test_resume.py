@@ -14,7 +14,9 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from mask2former.training.train import list_checkpoints, load_recipe, main
+from mask2former.training.checkpoints import list_checkpoints
+from mask2former.training.settings import load_recipe
+from mask2former.training.train import main
 
 # 8 training images, batch 1 x 2 micro-batches: 4 steps per epoch, so the step-3 checkpoint is mid-epoch and the
 # resumed run crosses the epoch boundary (after step 4) before it ends at step 6.

@@ -11,14 +11,17 @@ import pytest
 import torch
 
 from mask2former.training import optim
-from mask2former.training.train import (
-    ShardedEpochSampler,
+from mask2former.training.checkpoints import list_checkpoints
+from mask2former.training.sampling import ShardedEpochSampler
+from mask2former.training.settings import (
+    RECIPE_KEYS,
+    TrainArguments,
     available_recipes,
     build_parser,
-    list_checkpoints,
     load_recipe,
-    main,
+    resolve_settings,
 )
+from mask2former.training.train import main
 
 PAPER_BACKBONES = ("r50", "swin-t", "swin-s", "swin-b", "swin-l")
 
@@ -66,6 +69,26 @@ def test_recipe_names_accept_long_backbone_names_and_json_paths(tmp_path):
     custom.write_text(json.dumps({"max_steps": 3, "optimizer": {"lr": 0.1}}))
     assert load_recipe(str(custom))["name"] == "mine"
     assert {"tiny-test", "synthetic-shapes-demo", "coco-panoptic-swin-l"} <= set(available_recipes())
+
+
+def test_every_recipe_key_is_resolved_into_the_settings_and_unknown_keys_are_refused(tmp_path):
+    recipe = load_recipe("tiny-test")
+    recipe.update(train_with_pixel_mask=True, inference={"threshold": 0.3})
+    path = tmp_path / "with-extras.json"
+    path.write_text(json.dumps(recipe))
+    settings = resolve_settings(TrainArguments(recipe=str(path), output_dir=tmp_path / "run"))
+    assert settings.train_with_pixel_mask is True
+    assert settings.inference == {"threshold": 0.3, "mask_threshold": 0.5, "overlap_mask_area_threshold": 0.8}
+    assert not hasattr(settings, "recipe")  # no raw recipe to read past resolution
+    resolved = settings.resolved_recipe()
+    assert set(resolved) == RECIPE_KEYS  # each key of a recipe has its resolved value
+    # the recipe's thresholds are those of its task: another task gets that task's defaults
+    other = resolve_settings(TrainArguments(recipe=str(path), output_dir=tmp_path / "run", task="instance"))
+    assert other.inference["threshold"] == 0.0
+    recipe["learning_rate"] = 0.1
+    path.write_text(json.dumps(recipe))
+    with pytest.raises(ValueError, match="unknown keys \\['learning_rate'\\]"):
+        load_recipe(str(path))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
