@@ -15,7 +15,7 @@ from .data import SYNTHETIC_SOURCE, LabelInfo, SegmentationRecord, lacks_split, 
 from .transforms import build_train_transform
 
 if TYPE_CHECKING:
-    from .train import TrainSettings
+    from .settings import TrainSettings
 
 
 @dataclass
