@@ -7,13 +7,9 @@ logits ``(Q, h, w)`` at a quarter of the padded input resolution. The three task
 2. select the queries worth keeping while still at low resolution;
 3. decide, for every pixel of the target resolution, which query (or class) wins the bilinearly upsampled scores.
 
-Step 3 is where the time goes. Bilinear interpolation (``align_corners=False``) makes every target pixel a convex
-combination of the 2x2 low-resolution samples around it, so each 2x2 "cell" bounds the values of all target pixels
-that read from it. Wherever these bounds already settle the decision (one query wins by a margin, every threshold
-test is unanimous) the whole cell is decided at once; only the pixels of the remaining cells, along boundaries, are
-interpolated exactly. The result is the same as upsampling every mask to the target size and deciding per pixel,
-without materialising ``(N, H, W)`` score maps. :func:`upsample_bilinear` gives the dense equivalent on the same
-sampling grid (used for binary maps and as the test oracle).
+Step 3 is `decision.decide_upsampled`: decided per 2x2 cell of low-resolution samples where the cell's bounds
+settle it, exactly per pixel elsewhere, in tiles of bounded memory; the result is that of upsampling every mask to
+the target size and deciding per pixel, without materialising ``(N, H, W)`` score maps.
 
 Conventions (transformers' output formats):
 
@@ -31,12 +27,25 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
 from ..utils.optional import require
+from . import upsampling
+from .decision import UpsampledDecision, decide_upsampled
+from .upsampling import (  # noqa: F401 (re-exported: the building blocks other families' post-processing uses)
+    BilinearGrid,
+    bilinear_grid,
+    first_argmax,
+    row_tiles,
+    sample_bilinear,
+    upsample_bilinear,
+    upsample_rows,
+)
 
-# Chunk of masks upsampled at once for binary maps and RLE, to bound memory at (chunk, H, W).
-_DENSE_CHUNK = 16
+# Bytes of the uint8 masks handed to pycocotools at once (a few full-size masks), bounding RLE encoding's memory.
+_RLE_BYTES = 1 << 27
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -132,209 +141,6 @@ def resolve_geometry(
     return geometries
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# Bilinear sampling grid (align_corners=False, as F.interpolate)
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class BilinearGrid:
-    """For each target row (column): the first source row (column) it reads and the weight of the next one.
-
-    `source_rows (H,)`, `row_weights (H,)`, `source_cols (W,)`, `col_weights (W,)`, `source_size (h, w)`, and
-    `cell_pixels (h, w)`: how many target pixels read the 2x2 cell whose top-left sample is `(i, j)`.
-    """
-
-    source_rows: torch.Tensor
-    row_weights: torch.Tensor
-    source_cols: torch.Tensor
-    col_weights: torch.Tensor
-    source_size: tuple[int, int]
-    cell_pixels: torch.Tensor
-
-    @property
-    def target_size(self) -> tuple[int, int]:
-        return (self.source_rows.numel(), self.source_cols.numel())
-
-
-def _axis(source_length: int, extent: float, target_length: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-    # F.interpolate's source coordinate for an output pixel centre, with the scale taken from the valid extent
-    # (which may end inside the last cropped row), clamped to the cropped samples.
-    scale = extent / target_length
-    coordinate = ((torch.arange(target_length, device=device, dtype=torch.float32) + 0.5) * scale - 0.5).clamp(min=0)
-    index = coordinate.floor().long().clamp(max=source_length - 1)
-    weight = (coordinate - index).clamp(0, 1)
-    return index, weight
-
-
-def bilinear_grid(
-    source_size: tuple[int, int],
-    target_size: tuple[int, int],
-    extent: tuple[float, float] | None = None,
-    device: torch.device | str = "cpu",
-) -> BilinearGrid:
-    """The sampling grid of a bilinear resize of `source_size` (whose valid part is `extent`) to `target_size`."""
-    extent = extent or source_size
-    rows, row_weights = _axis(source_size[0], extent[0], target_size[0], device)
-    cols, col_weights = _axis(source_size[1], extent[1], target_size[1], device)
-    # (h,) x (w,) -> (h, w) target pixels per cell
-    row_counts = torch.bincount(rows, minlength=source_size[0]).float()
-    col_counts = torch.bincount(cols, minlength=source_size[1]).float()
-    return BilinearGrid(rows, row_weights, cols, col_weights, tuple(source_size), row_counts[:, None] * col_counts)
-
-
-def upsample_bilinear(maps: torch.Tensor, grid: BilinearGrid) -> torch.Tensor:
-    """Dense bilinear resize on `grid`: `(N, h, w) -> (N, H, W)`; equals F.interpolate when the extent is whole."""
-    height, width = grid.source_size
-    next_cols = (grid.source_cols + 1).clamp(max=width - 1)
-    next_rows = (grid.source_rows + 1).clamp(max=height - 1)
-    # (N, h, w) -> (N, h, W): along the columns first, then along the rows, as PyTorch's kernel
-    columns = (
-        maps.index_select(2, grid.source_cols) * (1 - grid.col_weights)
-        + maps.index_select(2, next_cols) * grid.col_weights
-    )
-    # (N, h, W) -> (N, H, W)
-    return (
-        columns.index_select(1, grid.source_rows) * (1 - grid.row_weights)[:, None]
-        + columns.index_select(1, next_rows) * grid.row_weights[:, None]
-    )
-
-
-def sample_bilinear(maps: torch.Tensor, grid: BilinearGrid, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-    """Values of the bilinear resize of `maps (N, h, w)` at target pixels `(rows, cols)` `(M,)`: `-> (N, M)`."""
-    height, width = grid.source_size
-    top, row_weight = grid.source_rows[rows], grid.row_weights[rows]
-    left, col_weight = grid.source_cols[cols], grid.col_weights[cols]
-    bottom, right = (top + 1).clamp(max=height - 1), (left + 1).clamp(max=width - 1)
-    flat = maps.flatten(1)  # (N, h, w) -> (N, h*w)
-
-    def corner(row_index: torch.Tensor, col_index: torch.Tensor) -> torch.Tensor:
-        return flat.index_select(1, row_index * width + col_index)  # (N, h*w) -> (N, M)
-
-    upper = torch.lerp(corner(top, left), corner(top, right), col_weight)
-    lower = torch.lerp(corner(bottom, left), corner(bottom, right), col_weight)
-    return torch.lerp(upper, lower, row_weight)
-
-
-def expand_cells(cell_values: torch.Tensor, grid: BilinearGrid) -> torch.Tensor:
-    """Gives every target pixel the value of the cell it reads: `(h, w) -> (H, W)`."""
-    return cell_values.index_select(0, grid.source_rows).index_select(1, grid.source_cols)
-
-
-def _cell_bounds(maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # Min and max over each 2x2 cell; the last row/column repeats, as the sampling clamps there.
-    next_rows = torch.cat([maps[:, 1:], maps[:, -1:]], 1)  # (N, h, w): row i+1, clamped
-    row_max, row_min = torch.maximum(maps, next_rows), torch.minimum(maps, next_rows)
-
-    def with_next_col(values: torch.Tensor) -> torch.Tensor:
-        return torch.cat([values[:, :, 1:], values[:, :, -1:]], 2)
-
-    upper = torch.maximum(row_max, with_next_col(row_max))
-    lower = torch.minimum(row_min, with_next_col(row_min))
-    return lower, upper
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The shared decision: which map wins each upsampled pixel
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class UpsampledDecision:
-    """The per-pixel winner among `N` upsampled maps, kept per cell where the cell is unanimous.
-
-    `winner_cell (h, w)` and `covered_cell (h, w)` hold for the target pixels of cells where `certain (h, w)`; the
-    other pixels, `(rows, cols)` `(M,)`, carry their exact `winner_pixel (M,)` and `covered_pixel (M,)`.
-    `covered` means the winner's own logit passes the mask threshold. `covered_area (N,)`: target pixels where each
-    map passes the threshold, whether it wins or not.
-    """
-
-    grid: BilinearGrid
-    certain: torch.Tensor
-    winner_cell: torch.Tensor
-    covered_cell: torch.Tensor
-    rows: torch.Tensor
-    cols: torch.Tensor
-    winner_pixel: torch.Tensor
-    covered_pixel: torch.Tensor
-    covered_area: torch.Tensor | None
-
-    def areas(self, num_maps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(N,)` target pixels won by each map, and won and covered."""
-        weights = (self.grid.cell_pixels * self.certain).flatten().double()
-        winners = self.winner_cell.flatten()
-        won = torch.bincount(winners, weights=weights, minlength=num_maps)
-        won = won + torch.bincount(self.winner_pixel, minlength=num_maps)
-        covered_weights = weights * self.covered_cell.flatten()
-        won_covered = torch.bincount(winners, weights=covered_weights, minlength=num_maps)
-        won_covered = won_covered + torch.bincount(self.winner_pixel[self.covered_pixel], minlength=num_maps)
-        return won.round().long(), won_covered.round().long()
-
-    def render(self, lookup: torch.Tensor, fill: int) -> torch.Tensor:
-        """`(H, W)` map of `lookup[winner]` where covered, `fill` elsewhere; `lookup (N,)`."""
-        cell_values = torch.where(self.covered_cell, lookup[self.winner_cell], fill)
-        segmentation = expand_cells(cell_values, self.grid)
-        segmentation[self.rows, self.cols] = torch.where(self.covered_pixel, lookup[self.winner_pixel], fill)
-        return segmentation
-
-
-def decide_upsampled(
-    maps: torch.Tensor,
-    grid: BilinearGrid,
-    weights: torch.Tensor | None = None,
-    logit_threshold: float | None = None,
-    class_weights: torch.Tensor | None = None,
-) -> UpsampledDecision:
-    """Argmax over `maps (N, h, w)` upsampled on `grid`: of the values themselves, or with `weights (N,)` of
-    `weights x sigmoid(value)` (mask logits weighted by query scores), or with `class_weights (N, K)` over the `K`
-    mixtures `sum_n class_weights[n, k] x sigmoid(value_n)` (semantic inference; winners are then classes).
-
-    With `logit_threshold`, also whether the winner passes it and each map's area above it. Equal to upsampling the
-    maps densely and deciding per pixel, up to float rounding at exact ties.
-    """
-    num_maps = maps.shape[0]
-
-    def transform(values: torch.Tensor) -> torch.Tensor:
-        # Increasing in each value, so bounds on the values bound the transformed scores.
-        if class_weights is not None:
-            # (N, ...) -> (K, ...); non-negative weights keep it increasing in each value
-            return torch.einsum("nk,n...->k...", class_weights, values.sigmoid())
-        if weights is None:
-            return values
-        return weights.view(-1, *[1] * (values.ndim - 1)) * values.sigmoid()
-
-    lower, upper = _cell_bounds(maps)  # (N, h, w) each
-    # Every target pixel of a cell interpolates its 2x2 samples, so its value lies in [lower, upper].
-    best_lower, winner_cell = transform(lower).max(0)  # (N, h, w) -> (h, w)
-    if (class_weights.shape[1] if class_weights is not None else num_maps) > 1:
-        top_upper = transform(upper).topk(2, dim=0)  # (2, h, w)
-        rival = torch.where(top_upper.indices[0] == winner_cell, top_upper.values[1], top_upper.values[0])
-        certain = best_lower > rival
-    else:
-        certain = torch.ones_like(winner_cell, dtype=torch.bool)
-    if logit_threshold is not None:
-        inside, outside = lower >= logit_threshold, upper < logit_threshold  # (N, h, w)
-        certain &= (inside | outside).all(0)
-        covered_cell = inside.gather(0, winner_cell[None])[0]
-    else:
-        covered_cell = torch.ones_like(certain)
-
-    rows, cols = expand_cells(~certain, grid).nonzero(as_tuple=True)  # (M,), (M,)
-    values = sample_bilinear(maps, grid, rows, cols)  # (N, M)
-    winner_pixel = transform(values).argmax(0) if rows.numel() else rows
-    covered_area = None
-    if logit_threshold is not None:
-        covered_pixel = values.gather(0, winner_pixel[None])[0] >= logit_threshold
-        certain_pixels = (grid.cell_pixels * certain).flatten()  # (h*w,)
-        covered_area = (inside.flatten(1).float() @ certain_pixels).round().long()  # (N, h*w) @ (h*w,) -> (N,)
-        covered_area = covered_area + (values >= logit_threshold).sum(1)
-    else:
-        covered_pixel = torch.ones_like(rows, dtype=torch.bool)
-    return UpsampledDecision(
-        grid, certain, winner_cell, covered_cell, rows, cols, winner_pixel, covered_pixel, covered_area
-    )
-
-
 def _probability_to_logit(probability: float) -> float:
     if probability <= 0:
         return -math.inf
@@ -344,10 +150,10 @@ def _probability_to_logit(probability: float) -> float:
 
 
 def _segments_that_pass(
-    decision: UpsampledDecision, num_maps: int, overlap_mask_area_threshold: float, require_visible: bool
+    decision: UpsampledDecision, overlap_mask_area_threshold: float, require_visible: bool
 ) -> torch.Tensor:
     # The paper's filter: keep a mask if the part of it that wins is a large enough share of its own area.
-    won, won_covered = decision.areas(num_maps)
+    won, won_covered = decision.areas()
     own_area = decision.covered_area
     passed = (own_area > 0) & (won >= overlap_mask_area_threshold * own_area)
     if require_visible:
@@ -386,16 +192,26 @@ def post_process_semantic_segmentation(
     for index, geometry in enumerate(geometries):
         cropped = _crop(mask_logits[index], geometry)  # (Q, h, w)
         grid = _grid_for(mask_logits, geometry)
-        decision = decide_upsampled(cropped, grid, class_weights=class_probs[index])
-        labels = torch.arange(class_probs.shape[-1], device=cropped.device)
-        segmentation = decision.render(labels, fill=0)
         if return_segmentation_scores:
-            # Dense (K, H, W) scores, as asked: upsampled mask probabilities mixed by class probabilities.
-            scores = torch.einsum("qk,qhw->khw", class_probs[index], upsample_bilinear(cropped, grid).sigmoid_())
-            results.append({"segmentation": segmentation, "segmentation_scores": scores})
-        else:
-            results.append(segmentation)
+            results.append(_semantic_scores(cropped, grid, class_probs[index]))
+            continue
+        decision = decide_upsampled(cropped, grid, class_weights=class_probs[index])
+        results.append(decision.render(torch.arange(class_probs.shape[-1], device=cropped.device), fill=0))
     return results
+
+
+def _semantic_scores(mask_logits: torch.Tensor, grid: BilinearGrid, class_probs: torch.Tensor) -> dict[str, Any]:
+    """Dense `(K, H, W)` class scores, as asked, and their argmax, computed a band of rows at a time."""
+    num_queries, num_classes = class_probs.shape
+    height, width = grid.target_size
+    scores = mask_logits.new_empty(num_classes, height, width)
+    segmentation = torch.empty(height, width, dtype=torch.long, device=mask_logits.device)
+    for start, stop in row_tiles(grid, num_queries + num_classes):
+        probabilities = upsample_rows(mask_logits, grid, start, stop).flatten(1).sigmoid_()  # (Q, rows*W)
+        band = class_probs.T @ probabilities  # (K, Q) @ (Q, rows*W) -> (K, rows*W)
+        scores[:, start:stop] = band.view(num_classes, stop - start, width)
+        segmentation[start:stop] = first_argmax(band).view(stop - start, width)
+    return SemanticSegmentationPostProcessorOutput(data={"segmentation": segmentation, "segmentation_scores": scores})
 
 
 def _fused_segment_ids(
@@ -467,9 +283,9 @@ def post_process_panoptic_segmentation(
             kept_scores,
             logit_threshold,
         )
-        passed = _segments_that_pass(decision, kept.numel(), overlap_mask_area_threshold, require_visible=True)
+        passed = _segments_that_pass(decision, overlap_mask_area_threshold, require_visible=True)
         segment_ids, first_of_segment = _fused_segment_ids(kept_labels, passed, label_ids_to_fuse)  # (N,), (N,)
-        segmentation = decision.render(segment_ids, fill=0).int()
+        segmentation = decision.render(segment_ids.int(), fill=0)
         # One entry per segment, from its first query (ids grow with query order).
         ids, label_list, score_list = (
             segment_ids[first_of_segment].tolist(),
@@ -548,7 +364,7 @@ def post_process_instance_segmentation(
             kept_scores,
             logit_threshold,
         )
-        passed = _segments_that_pass(decision, kept.numel(), overlap_mask_area_threshold, require_visible=False)
+        passed = _segments_that_pass(decision, overlap_mask_area_threshold, require_visible=False)
         instance_ids = torch.full_like(kept, -1)
         instance_ids[passed] = torch.arange(int(passed.sum()), device=kept.device)
         segments_info = [
@@ -557,23 +373,12 @@ def post_process_instance_segmentation(
                 range(int(passed.sum())), top_labels[index, kept[passed]].tolist(), kept_scores[passed].tolist()
             )
         ]
-        if return_binary_maps or return_coco_annotation:
-            # Full masks, overlaps included, upsampled a few at a time.
-            passed_logits = kept_logits[passed]
-            chunks = [
-                upsample_bilinear(passed_logits[start : start + _DENSE_CHUNK], grid) >= logit_threshold
-                for start in range(0, passed_logits.shape[0], _DENSE_CHUNK)
-            ]
-            if return_coco_annotation:
-                segmentation = [rle for chunk in chunks for rle in _encode_rle(mask_utils, chunk)]
-            else:
-                segmentation = (
-                    torch.cat(chunks)
-                    if chunks
-                    else torch.zeros(0, *grid.target_size, dtype=torch.bool, device=kept_logits.device)
-                )
+        if return_coco_annotation:
+            segmentation = _encode_rle(mask_utils, kept_logits[passed], grid, logit_threshold)
+        elif return_binary_maps:
+            segmentation = _binary_masks(kept_logits[passed], grid, logit_threshold)  # full masks, overlaps included
         else:
-            segmentation = decision.render(instance_ids, fill=-1).int()
+            segmentation = decision.render(instance_ids.int(), fill=-1)
         results.append({"segmentation": segmentation, "segments_info": segments_info})
     return results
 
@@ -594,10 +399,30 @@ def _pycocotools_mask() -> Any:
     return require("pycocotools.mask", "`return_coco_annotation=True`")
 
 
-def _encode_rle(mask_utils: Any, masks: torch.Tensor) -> list[dict[str, Any]]:
-    # pycocotools wants Fortran-ordered uint8 (H, W, N).
-    array = masks.permute(1, 2, 0).cpu().numpy().astype("uint8", order="F")  # (N, H, W) -> (H, W, N)
-    encoded = mask_utils.encode(array)
+def _binary_masks(mask_logits: torch.Tensor, grid: BilinearGrid, logit_threshold: float) -> torch.Tensor:
+    """`(S, h, w)` mask logits -> `(S, H, W)` bool: upsampled logits at or above the threshold, a band at a time."""
+    masks = torch.empty(mask_logits.shape[0], *grid.target_size, dtype=torch.bool, device=mask_logits.device)
+    for start, stop in row_tiles(grid, mask_logits.shape[0], budget=upsampling.DENSE_ELEMENTS):
+        masks[:, start:stop] = upsample_rows(mask_logits, grid, start, stop) >= logit_threshold
+    return masks
+
+
+def _encode_rle(
+    mask_utils: Any, mask_logits: torch.Tensor, grid: BilinearGrid, logit_threshold: float
+) -> list[dict[str, Any]]:
+    """COCO RLE dicts of the thresholded upsampled masks, encoded a few full-size masks at a time."""
+    height, width = grid.target_size
+    chunk = max(1, _RLE_BYTES // (height * width))
+    encoded = []
+    for first in range(0, mask_logits.shape[0], chunk):
+        logits = mask_logits[first : first + chunk]
+        # pycocotools wants Fortran-ordered uint8 (H, W, S): a C-ordered (S, W, H) buffer, transposed.
+        buffer = np.empty((logits.shape[0], width, height), dtype=np.uint8)
+        transposed = torch.from_numpy(buffer)  # (S, W, H), shares the buffer
+        for start, stop in row_tiles(grid, logits.shape[0], budget=upsampling.DENSE_ELEMENTS):
+            band = upsample_rows(logits, grid, start, stop) >= logit_threshold  # (S, rows, W)
+            transposed[:, :, start:stop] = band.transpose(1, 2).cpu()
+        encoded.extend(mask_utils.encode(buffer.transpose(2, 1, 0)))  # (S, W, H) -> (H, W, S), Fortran-ordered
     for rle in encoded:
         rle["counts"] = rle["counts"].decode("ascii")  # JSON-serialisable, as COCO result files store it
     return encoded

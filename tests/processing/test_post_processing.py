@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mask2former import Mask2FormerImageProcessor
-from mask2former.processing import post_processing
+from mask2former.processing import decision, post_processing, upsampling
 
 
 def _outputs(class_logits, mask_logits):
@@ -51,12 +51,39 @@ def test_grid_upsampling_equals_interpolate(target):
     torch.testing.assert_close(
         post_processing.sample_bilinear(maps, grid, rows, cols), expected[:, rows, cols], atol=1e-5, rtol=0
     )
+    # A band of rows starting and ending inside a source row's span is the same band of the whole.
+    start, stop = target[0] // 3 + 1, 2 * target[0] // 3 + 2
+    torch.testing.assert_close(
+        upsampling.upsample_rows(maps, grid, start, stop), expected[:, start:stop], atol=1e-5, rtol=0
+    )
 
 
+# How a tile's undecided pixels are evaluated: the default choice, always one by one, always densely (any tile with
+# an undecided pixel), and the default with one-row tiles and dense steps (the chunking itself).
+_MODES = {
+    "default": {},
+    "one-by-one": {(decision, "DENSE_SHARE"): 2.0},
+    "dense": {(decision, "DENSE_SHARE"): 0.0},
+    "tiny-tiles": {(upsampling, "TILE_ELEMENTS"): 1, (upsampling, "DENSE_ELEMENTS"): 1},
+}
+
+
+def _set_mode(monkeypatch, mode):
+    for (module, name), value in _MODES[mode].items():
+        monkeypatch.setattr(module, name, value)
+
+
+def _noise(num_maps, height, width, generator):
+    return torch.randn(num_maps, height, width, generator=generator) * 3
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+@pytest.mark.parametrize("maps_kind", ["blobs", "noise"])
 @pytest.mark.parametrize("target", [(200, 304), (41, 60)])
-def test_cell_decision_equals_dense_decision(target):
+def test_cell_decision_equals_dense_decision(monkeypatch, target, maps_kind, mode):
+    _set_mode(monkeypatch, mode)
     generator = torch.Generator().manual_seed(1)
-    logits = _blobs(12, 50, 76, generator)
+    logits = (_blobs if maps_kind == "blobs" else _noise)(12, 50, 76, generator)
     weights = torch.rand(12, generator=generator)
     grid = post_processing.bilinear_grid((50, 76), target)
     decision = post_processing.decide_upsampled(logits, grid, weights, logit_threshold=0.0)
@@ -67,12 +94,25 @@ def test_cell_decision_equals_dense_decision(target):
     expected = torch.where(covered, winner, -1)
     rendered = decision.render(torch.arange(12), fill=-1)
     assert (rendered != expected).float().mean() < 1e-4
-    won, won_covered = decision.areas(12)
+    won, won_covered = decision.areas()
     assert (won - torch.bincount(winner.flatten(), minlength=12)).abs().max() <= 2
     assert (won_covered - torch.bincount(winner[covered], minlength=12)).abs().max() <= 2
     assert (decision.covered_area - (dense >= 0).flatten(1).sum(1)).abs().max() <= 2
-    # Most pixels are decided per cell: only boundaries are interpolated exactly.
-    assert decision.rows.numel() < 0.6 * rendered.numel()
+
+
+@pytest.mark.parametrize("mode", sorted(_MODES))
+@pytest.mark.parametrize("maps_kind", ["blobs", "noise"])
+def test_class_mixture_decision_equals_dense_argmax(monkeypatch, maps_kind, mode):
+    # Semantic inference: winners are classes of sum_q p(class | q) sigmoid(mask_q).
+    _set_mode(monkeypatch, mode)
+    generator = torch.Generator().manual_seed(2)
+    logits = (_blobs if maps_kind == "blobs" else _noise)(10, 30, 40, generator)
+    class_weights = (torch.randn(10, 7, generator=generator) * 3).softmax(-1)
+    grid = post_processing.bilinear_grid((30, 40), (120, 150))
+    decision = post_processing.decide_upsampled(logits, grid, class_weights=class_weights)
+    dense = F.interpolate(logits[None], size=(120, 150), mode="bilinear", align_corners=False)[0].sigmoid()
+    expected = torch.einsum("qk,qhw->khw", class_weights, dense).argmax(0)
+    assert (decision.render(torch.arange(7), fill=-1) != expected).float().mean() < 1e-4
 
 
 def test_semantic_decision_equals_dense_argmax():
@@ -81,6 +121,63 @@ def test_semantic_decision_equals_dense_argmax():
     decision = post_processing.decide_upsampled(scores, grid)
     expected = F.interpolate(scores[None], size=(120, 160), mode="bilinear", align_corners=False)[0].argmax(0)
     assert (decision.render(torch.arange(7), fill=0) != expected).float().mean() < 1e-4
+
+
+def test_undecided_tiles_switch_to_dense_upsampling():
+    # Per-pixel noise leaves nearly every cell undecided: those tiles go dense; sharp blobs (a trained model's masks)
+    # are decided per cell but for their boundaries, evaluated one by one.
+    generator = torch.Generator().manual_seed(5)
+    grid = post_processing.bilinear_grid((50, 76), (200, 304))
+    weights = torch.rand(12, generator=generator)
+    noisy = post_processing.decide_upsampled(_noise(12, 50, 76, generator), grid, weights, logit_threshold=0.0)
+    sharp = _blobs(12, 50, 76, generator, sharpness=0.25)
+    smooth = post_processing.decide_upsampled(sharp, grid, weights, logit_threshold=0.0)
+    assert noisy.dense_pixels == 200 * 304 and noisy.evaluated_pixels == 0
+    assert smooth.dense_pixels == 0 and 0 < smooth.evaluated_pixels < 0.3 * 200 * 304
+
+
+def _all_tasks(processor, outputs, target_sizes):
+    return (
+        processor.post_process_semantic_segmentation(outputs, target_sizes=target_sizes),
+        processor.post_process_semantic_segmentation(
+            outputs, target_sizes=target_sizes, return_segmentation_scores=True
+        ),
+        processor.post_process_panoptic_segmentation(outputs, target_sizes=target_sizes, label_ids_to_fuse={1}),
+        processor.post_process_instance_segmentation(outputs, target_sizes=target_sizes, threshold=0.2),
+        processor.post_process_instance_segmentation(
+            outputs, target_sizes=target_sizes, threshold=0.2, return_binary_maps=True
+        ),
+    )
+
+
+def _assert_same(first, second):
+    if isinstance(first, torch.Tensor) and first.is_floating_point():
+        torch.testing.assert_close(first, second, rtol=1e-6, atol=1e-6)  # scores: summation order may differ
+    elif isinstance(first, torch.Tensor):
+        assert torch.equal(first, second)
+    elif isinstance(first, dict) or hasattr(first, "keys"):
+        assert sorted(first.keys()) == sorted(second.keys())
+        for key in first.keys():
+            _assert_same(first[key], second[key])
+    elif isinstance(first, list | tuple):
+        assert len(first) == len(second)
+        for a, b in zip(first, second):
+            _assert_same(a, b)
+    else:
+        assert first == second
+
+
+def test_tiny_tile_budget_gives_identical_results(monkeypatch):
+    # Bounded memory comes from tiles and dense steps of a budget; one row at a time must change nothing.
+    generator = torch.Generator().manual_seed(6)
+    class_logits = torch.randn(2, 12, 5, generator=generator) * 4
+    mask_logits = torch.cat([_blobs(6, 30, 44, generator), _noise(6, 30, 44, generator)])[None].repeat(2, 1, 1, 1)
+    outputs = _outputs(class_logits, mask_logits)
+    processor = Mask2FormerImageProcessor()
+    target_sizes = [(97, 130), (120, 176)]
+    default = _all_tasks(processor, outputs, target_sizes)
+    _set_mode(monkeypatch, "tiny-tiles")
+    _assert_same(_all_tasks(processor, outputs, target_sizes), default)
 
 
 # ----------------------------------------------------------------------------------------------------------------
