@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 
@@ -374,7 +373,7 @@ def post_process_instance_segmentation(
             )
         ]
         if return_coco_annotation:
-            segmentation = _encode_rle(mask_utils, kept_logits[passed], grid, logit_threshold)
+            segmentation = _rle_of_upsampled(mask_utils, kept_logits[passed], grid, logit_threshold)
         elif return_binary_maps:
             segmentation = _binary_masks(kept_logits[passed], grid, logit_threshold)  # full masks, overlaps included
         else:
@@ -407,22 +406,24 @@ def _binary_masks(mask_logits: torch.Tensor, grid: BilinearGrid, logit_threshold
     return masks
 
 
-def _encode_rle(
+def _rle_of_upsampled(
     mask_utils: Any, mask_logits: torch.Tensor, grid: BilinearGrid, logit_threshold: float
 ) -> list[dict[str, Any]]:
-    """COCO RLE dicts of the thresholded upsampled masks, encoded a few full-size masks at a time."""
-    height, width = grid.target_size
-    chunk = max(1, _RLE_BYTES // (height * width))
+    """COCO RLE dicts of the thresholded upsampled masks, a few full-size masks at a time."""
+    chunk = max(1, _RLE_BYTES // (grid.target_size[0] * grid.target_size[1]))
     encoded = []
     for first in range(0, mask_logits.shape[0], chunk):
-        logits = mask_logits[first : first + chunk]
-        # pycocotools wants Fortran-ordered uint8 (H, W, S): a C-ordered (S, W, H) buffer, transposed.
-        buffer = np.empty((logits.shape[0], width, height), dtype=np.uint8)
-        transposed = torch.from_numpy(buffer)  # (S, W, H), shares the buffer
-        for start, stop in row_tiles(grid, logits.shape[0], budget=upsampling.DENSE_ELEMENTS):
-            band = upsample_rows(logits, grid, start, stop) >= logit_threshold  # (S, rows, W)
-            transposed[:, :, start:stop] = band.transpose(1, 2).cpu()
-        encoded.extend(mask_utils.encode(buffer.transpose(2, 1, 0)))  # (S, W, H) -> (H, W, S), Fortran-ordered
+        encoded.extend(
+            _encode_rle(mask_utils, _binary_masks(mask_logits[first : first + chunk], grid, logit_threshold))
+        )
+    return encoded
+
+
+def _encode_rle(mask_utils: Any, masks: torch.Tensor) -> list[dict[str, Any]]:
+    """`(N, H, W)` bool masks -> N COCO RLE dicts with str counts."""
+    # pycocotools wants Fortran-ordered uint8 (H, W, N).
+    array = masks.permute(1, 2, 0).cpu().numpy().astype("uint8", order="F")  # (N, H, W) -> (H, W, N)
+    encoded = mask_utils.encode(array)
     for rle in encoded:
         rle["counts"] = rle["counts"].decode("ascii")  # JSON-serialisable, as COCO result files store it
     return encoded
