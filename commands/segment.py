@@ -29,10 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 from tqdm.auto import tqdm
 
 from mask2former.families import family_of
+from mask2former.processing.image_io import ImageReadError, read_image
 from mask2former.processing.tasks import TASKS, post_process
 from mask2former.processing.visualization import (
     draw_instance_segmentation,
@@ -59,13 +60,6 @@ def collect_inputs(paths: Sequence[str | Path]) -> list[Path]:
         else:
             raise ValueError(f"{path} does not exist; give image files or folders of images.")
     return files
-
-
-def read_image(path: Path) -> Image.Image:
-    """RGB image with its EXIF orientation applied. Raises ``OSError`` / ``UnidentifiedImageError`` if unreadable."""
-    with Image.open(path) as image:
-        image.load()
-        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def _unique_stems(files: Sequence[Path]) -> list[str]:
@@ -261,7 +255,7 @@ def segment(
             try:
                 images.append(read_image(file))
                 entries.append((file, stem))
-            except (OSError, UnidentifiedImageError, ValueError) as error:
+            except ImageReadError as error:
                 skipped.append((file, f"{type(error).__name__}: {error}"))
                 tqdm.write(f"skipped {file}: cannot read it as an image ({error})")
                 progress.update(1)

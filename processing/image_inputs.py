@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from transformers.image_utils import PILImageResampling
 
+from .image_io import read_image, read_label_image
+
 RESAMPLE_MODES = {
     PILImageResampling.NEAREST: "nearest-exact",
     PILImageResampling.BILINEAR: "bilinear",
@@ -52,18 +54,6 @@ def per_image(value: Any, index: int, name: str, nested: bool = False) -> Any:
     return value[index]
 
 
-def load_image(path: str | os.PathLike) -> Any:
-    """A PIL image read from ``path`` (ValueError naming the path when it is not a readable image)."""
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.copy()
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise ValueError(f"cannot read an image from {str(path)!r}: {error}") from error
-
-
 def _pil_to_array(image: Any, keep_ids: bool) -> np.ndarray:
     if keep_ids:
         # Palette images hold class ids in the palette index; keep them.
@@ -80,7 +70,7 @@ def to_image_tensor(image: Any, device: str | torch.device | None) -> torch.Tens
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
+        image = read_image(image)  # EXIF orientation applied, 16-bit scaled, the file named in any error
     if isinstance(image, Image.Image):
         array = _pil_to_array(image, keep_ids=False)
         tensor = torch.from_numpy(np.array(array, copy=True))
@@ -130,7 +120,7 @@ def to_map_tensor(segmentation_map: Any, device: str | torch.device | None) -> t
     from PIL import Image
 
     if isinstance(segmentation_map, (str, os.PathLike)):
-        segmentation_map = load_image(segmentation_map)
+        segmentation_map = read_label_image(segmentation_map, what="segmentation map")
     if isinstance(segmentation_map, Image.Image):
         segmentation_map = np.array(segmentation_map, copy=True)
     if isinstance(segmentation_map, np.ndarray):

@@ -25,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
+from ..processing.image_io import read_label_image
 from ..processing.tasks import post_process
 from .data import LabelInfo, load_dataset_for_segmentation, rgb_to_id
 from .metrics import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator, build_evaluator
@@ -160,11 +160,7 @@ class _Skips:
 
 
 def _read_png(path: Path, what: str) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read {what} {str(path)!r}: {error}") from error
+    return np.asarray(read_label_image(path, what=what))  # ImageReadError (a ValueError) names the file
 
 
 def evaluate_panoptic_files(

@@ -30,12 +30,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..processing.image_io import to_rgb
 from .data.records import SegmentationRecord, keep_visible_segments
 
 
 def _as_array(image: Any) -> np.ndarray:
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        return np.asarray(to_rgb(image))
     array = np.asarray(image)
     if array.ndim != 3 or array.shape[-1] != 3:
         raise ValueError(f"expected an RGB image (H, W, 3), got shape {array.shape}")

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from mask2former.training.data import (
+    BadExampleError,
     generate_synthetic_shapes,
     id_to_rgb,
     load_dataset_for_segmentation,
@@ -502,3 +503,102 @@ def test_parquet_with_embedded_bytes_only(tmp_path, coco_sample_root):
     reference = load_dataset_for_segmentation(coco_sample_root, "val2017").dataset[0]
     assert np.array_equal(record["segment_map"], reference["segment_map"])
     assert np.array_equal(np.asarray(record["image"]), np.asarray(reference["image"]))
+
+
+def _instance_root_with_mask(coco_sample_root, tmp_path, segmentation):
+    """The COCO sample's instances JSON with the first mask of image 142238 replaced (annotation id 777)."""
+    root = _copy_sample(coco_sample_root, tmp_path)
+    path = root / "annotations" / "instances_val2017.json"
+    data = json.loads(path.read_text())
+    first = next(a for a in data["annotations"] if a["image_id"] == 142238)
+    first.update(id=777, segmentation=segmentation)
+    path.write_text(json.dumps(data))
+    return root
+
+
+@pytest.mark.parametrize(
+    "segmentation, problem",
+    [
+        ([[10, 10, 30, 10]], "polygon"),  # 2 points: pycocotools would read it as a box
+        ([[10, 10, 30, 10, 30]], "polygon"),  # an odd number of coordinates: a bare pycocotools exception
+        ([], "empty polygon list"),
+        ({"size": [427, 640], "counts": "~~~~"}, "RLE counts"),  # garbage: never ends a number
+        ({"size": [427, 640], "counts": "52"}, "cover 7 pixels"),  # 5 + 2 of 427 x 640: uninitialised memory
+        ({"size": [427, 640], "counts": [5, 2]}, "cover 7 pixels"),
+        ({"size": [427, 640], "counts": [5, -2]}, "non-negative"),
+        ({"size": [427, 640]}, "neither polygons nor an RLE"),
+        (42, "neither polygons nor an RLE"),
+    ],
+)
+def test_bad_instance_masks_name_image_and_annotation(coco_sample_root, tmp_path, segmentation, problem):
+    root = _instance_root_with_mask(coco_sample_root, tmp_path, segmentation)
+    dataset = load_dataset_for_segmentation(root, "val2017", "instance").dataset
+    with pytest.raises(BadExampleError, match=f"annotation 777 of image '142238'.*{problem}"):
+        dataset[0]
+    assert not dataset[1]["skipped"]  # the other image is unaffected
+    skipping = load_dataset_for_segmentation(root, "val2017", "instance", on_bad_input="skip").dataset
+    record = skipping[0]
+    assert record["skipped"] and "annotation 777" in record["skip_reasons"][0]
+
+
+def test_a_valid_compressed_rle_still_decodes(coco_sample_root, tmp_path):
+    from pycocotools import mask as mask_utils
+
+    mask = np.zeros((427, 640), dtype=np.uint8, order="F")
+    mask[100:200, 50:300] = 1
+    rle = mask_utils.encode(mask)
+    root = _instance_root_with_mask(
+        coco_sample_root, tmp_path, {"size": rle["size"], "counts": rle["counts"].decode()}
+    )
+    record = load_dataset_for_segmentation(root, "val2017", "instance").dataset[0]
+    # the first annotation of the image is segment 1: inside the box (smaller instances may cover part of it)
+    inside = np.zeros((427, 640), dtype=bool)
+    inside[100:200, 50:300] = True
+    assert (record["segment_map"] == 1).any() and not ((record["segment_map"] == 1) & ~inside).any()
+
+
+def _synthetic_root_with_bad_files(tmp_path):
+    """synthetic-shapes (5 train images) where image 1 is a 16-bit PNG, 2 is stored sideways with an EXIF turn, 3 is
+    truncated, 4 is 1x1 (annotation too) and 5 is a 96x96 'decompression bomb' under a lowered pixel limit."""
+    root = generate_synthetic_shapes(tmp_path, seed=1, num_images=5, num_val_images=1, image_size=32)
+    images = sorted((root / "train2017").glob("*.png"))
+    pngs = sorted((root / "annotations" / "panoptic_train2017").glob("*.png"))
+    originals = [np.asarray(Image.open(path).convert("RGB")) for path in images]
+    grey = np.asarray(Image.fromarray(originals[0]).convert("L"))
+    Image.fromarray(grey.astype(np.uint16) * 257).save(images[0])  # 16 bits, the same grey levels
+    exif = Image.Image().getexif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to view": store it turned the other way
+    Image.fromarray(np.rot90(originals[1], k=1)).save(images[1], exif=exif)
+    images[2].write_bytes(images[2].read_bytes()[:60])
+    for path in (images[3], pngs[3]):
+        Image.new("RGB", (1, 1)).save(path)
+    for path in (images[4], pngs[4]):
+        Image.new("RGB", (96, 96)).save(path)
+    return root, images, grey, originals
+
+
+def test_sixteen_bit_images_are_scaled(tmp_path):
+    root, _, grey, _ = _synthetic_root_with_bad_files(tmp_path)
+    record = load_dataset_for_segmentation(root, "train").dataset[0]
+    assert np.array_equal(np.asarray(record["image"]), np.stack([grey] * 3, axis=-1))  # not clipped to white
+
+
+def test_exif_orientation_is_applied_to_training_images(tmp_path):
+    root, _, _, originals = _synthetic_root_with_bad_files(tmp_path)
+    record = load_dataset_for_segmentation(root, "train").dataset[1]
+    assert np.array_equal(np.asarray(record["image"]), originals[1])  # upright, aligned with its annotation
+
+
+def test_bad_image_files_are_reported_and_skipped_per_example(tmp_path, monkeypatch):
+    root, images, _, _ = _synthetic_root_with_bad_files(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2048)  # 32 x 32 is fine, 96 x 96 > 2 x 2048 pixels
+    strict = load_dataset_for_segmentation(root, "train").dataset
+    for index in (2, 3, 4):
+        with pytest.raises(BadExampleError, match=images[index].name):
+            strict[index]
+    skipping = load_dataset_for_segmentation(root, "train", on_bad_input="skip").dataset
+    records = [skipping[index] for index in range(5)]
+    assert [record["skipped"] for record in records] == [False, False, True, True, True]
+    for index in (2, 3, 4):
+        assert images[index].name in records[index]["skip_reasons"][0]
+    assert "MAX_IMAGE_PIXELS" in records[4]["skip_reasons"][0] and "1x1" in records[3]["skip_reasons"][0]

@@ -8,6 +8,7 @@ masks). ``synthetic-shapes`` is written in this layout and read by this code.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,10 @@ def coco_instance_rows(
                 "segment_ids": list(range(1, len(annotations) + 1)),
                 "class_labels": [category_to_label[a["category_id"]] for a in annotations],
                 "iscrowd": [bool(a.get("iscrowd", 0)) for a in annotations],
-                "segmentations": [json.dumps(a["segmentation"]) for a in annotations],
+                # with the annotation id, so that a bad mask is named when it is decoded
+                "segmentations": [
+                    json.dumps({"id": a.get("id"), "segmentation": a.get("segmentation")}) for a in annotations
+                ],
                 "image_id": str(image_id),
                 "file_name": image["file_name"],
                 "num_labels": label_info.num_labels,
@@ -234,29 +238,104 @@ def instance_segments(row: dict[str, Any], height: int, width: int, image_id: st
     """COCO instance annotations (RLE or polygons, JSON strings) -> segments, larger instances painted first.
 
     Where instances overlap, the smaller one wins the pixel (it would otherwise vanish); the metrics read instance
-    ground truth from the JSON, so this only affects training targets.
+    ground truth from the JSON, so this only affects training targets. Each mask is validated before pycocotools
+    sees it (``BadExampleError`` naming the image and the annotation): pycocotools raises bare exceptions for
+    degenerate polygons and decodes an RLE whose counts do not cover the image from uninitialised memory.
     """
     mask_utils = require("pycocotools.mask", "decoding COCO instance masks")
     segment_ids = [int(value) for value in row["segment_ids"]]
     masks = []
     for text, segment_id in zip(row["segmentations"], segment_ids):
-        segmentation = json.loads(text)
-        if isinstance(segmentation, list):  # polygons
-            rles = mask_utils.frPyObjects(segmentation, height, width)
-            rle = mask_utils.merge(rles)
-        elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-            rle = mask_utils.frPyObjects(segmentation, height, width)
-        else:
-            rle = dict(segmentation)
-            if tuple(rle["size"]) != (height, width):
-                raise BadExampleError(
-                    f"instance annotation {segment_id} of image {image_id!r} is {rle['size']}, the image is "
-                    f"{[height, width]}"
-                )
-            if isinstance(rle["counts"], str):
-                rle["counts"] = rle["counts"].encode("ascii")
+        stored = json.loads(text)
+        annotation_id = stored.get("id", segment_id)
+        where = f"instance annotation {annotation_id} of image {image_id!r} ({row.get('file_name')})"
+        rle = _validated_rle(mask_utils, stored.get("segmentation"), height, width, where)
         masks.append(mask_utils.decode(rle).astype(bool))
     segment_map = np.zeros((height, width), dtype=np.int64)
     for index in sorted(range(len(masks)), key=lambda i: -int(masks[i].sum())):
         segment_map[masks[index]] = segment_ids[index]
     return _visible(segment_map, row, set(np.unique(segment_map).tolist()))
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _validated_rle(mask_utils, segmentation: Any, height: int, width: int, where: str) -> dict[str, Any]:
+    """A COCO ``segmentation`` (polygons, uncompressed or compressed RLE) -> a checked RLE pycocotools can decode."""
+    if isinstance(segmentation, list):
+        if not segmentation:
+            raise BadExampleError(f"{where} has an empty polygon list")
+        for polygon in segmentation:
+            valid = (
+                isinstance(polygon, list)
+                and len(polygon) >= 6
+                and len(polygon) % 2 == 0
+                and all(isinstance(value, (int, float)) and math.isfinite(value) for value in polygon)
+            )
+            if not valid:
+                raise BadExampleError(
+                    f"{where}: a polygon must be a list of at least 3 points as finite numbers x1, y1, x2, y2, ...; "
+                    f"got {_short(polygon)}"
+                )
+        return mask_utils.merge(mask_utils.frPyObjects(segmentation, height, width))
+    if not isinstance(segmentation, dict) or "counts" not in segmentation or "size" not in segmentation:
+        raise BadExampleError(
+            f"{where}: segmentation is neither polygons nor an RLE with counts and size: {_short(segmentation)}"
+        )
+    if list(segmentation["size"]) != [height, width]:
+        raise BadExampleError(f"{where} is {segmentation['size']}, the image is {[height, width]}")
+    counts = segmentation["counts"]
+    if isinstance(counts, list):
+        if not all(isinstance(value, int) and value >= 0 for value in counts):
+            raise BadExampleError(f"{where}: RLE counts must be non-negative integers, got {_short(counts)}")
+        run_lengths = counts
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(counts, (str, bytes)):
+        try:
+            encoded = counts.encode("ascii") if isinstance(counts, str) else counts
+        except UnicodeEncodeError as error:
+            raise BadExampleError(f"{where}: the RLE counts string is not ASCII: {error}") from error
+        run_lengths = _compressed_run_lengths(encoded, where)
+        rle = {"size": [height, width], "counts": encoded}
+    else:
+        raise BadExampleError(f"{where}: RLE counts must be a list or a string, got {type(counts).__name__}")
+    if sum(run_lengths) != height * width:
+        raise BadExampleError(
+            f"{where}: RLE counts cover {sum(run_lengths)} pixels, the image has {height}x{width} = {height * width}"
+        )
+    return rle
+
+
+def _compressed_run_lengths(encoded: bytes, where: str) -> list[int]:
+    """The run lengths of a COCO compressed RLE string.
+
+    Each number is written in 5-bit groups, least significant first, as characters ``48 + group`` with bit 5 set
+    while more groups follow and bit 4 of the last group as the sign; from the fourth number on, a number is stored
+    as its difference to the number two places before it.
+    """
+    run_lengths: list[int] = []
+    position = 0
+    while position < len(encoded):
+        value, shift, more = 0, 0, True
+        while more:
+            if position >= len(encoded):
+                raise BadExampleError(f"{where}: the RLE counts string ends inside a number")
+            group = encoded[position] - 48
+            if not 0 <= group < 64:
+                raise BadExampleError(
+                    f"{where}: the RLE counts string has an invalid character {chr(encoded[position])!r}"
+                )
+            value |= (group & 0x1F) << shift
+            more = bool(group & 0x20)
+            position += 1
+            shift += 5
+            if not more and group & 0x10:
+                value |= -1 << shift  # negative: sign-extend
+        if len(run_lengths) > 2:
+            value += run_lengths[-2]
+        if value < 0:
+            raise BadExampleError(f"{where}: the RLE counts string decodes to a negative run length")
+        run_lengths.append(value)
+    return run_lengths

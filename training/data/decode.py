@@ -8,7 +8,6 @@ skipped: a skipped example becomes a ``skipped_record`` placeholder, whose reaso
 
 from __future__ import annotations
 
-import io
 import logging
 import os
 from collections.abc import Callable
@@ -16,6 +15,7 @@ from typing import Any
 
 from PIL import Image
 
+from ...processing.image_io import ImageReadError, read_image, read_label_image, to_rgb
 from ...utils.optional import require
 from .ade20k import instance_channel_segments, semantic_segments
 from .coco import instance_segments, panoptic_segments
@@ -65,46 +65,37 @@ def rows_to_dataset(rows: list[dict[str, Any]]):
     return datasets.Dataset.from_dict(columns, features=features)
 
 
-def open_image(image: Any, what: str, image_id: str) -> Image.Image:
-    """A path, encoded bytes, an undecoded ``datasets.Image`` value (``{"bytes", "path"}``) or a PIL image -> PIL."""
-    if image is None:
-        raise BadExampleError(f"{what} of image {image_id!r} is missing")
+def _read(value: Any, what: str, image_id: str, reader: Callable[..., Image.Image]) -> tuple[Image.Image, str]:
+    """A stored file (path, bytes, undecoded ``datasets.Image`` value ``{"bytes", "path"}``, or a PIL image) -> the
+    image read by ``reader`` and the name messages use for it."""
+    if isinstance(value, Image.Image):
+        return (to_rgb(value) if reader is read_image else value), getattr(
+            value, "filename", ""
+        ) or f"{what} of {image_id}"
     name = None
-    if isinstance(image, dict):  # undecoded datasets.Image value: embedded bytes win over the (informative) path
-        name = image.get("path")
-        image = image.get("bytes") or name
-        if image is None:
-            raise BadExampleError(f"{what} of image {image_id!r} is missing")
-    if isinstance(image, (bytes, bytearray, str, os.PathLike)):
-        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else str(image)
-        name = str(image) if not isinstance(image, (bytes, bytearray)) else name or f"<{what} bytes>"
-        try:
-            opened = Image.open(source)
-            opened.load()
-        except (OSError, ValueError) as error:
-            raise BadExampleError(f"cannot read {what} {name!r} of image {image_id!r}: {error}") from error
-        if not getattr(opened, "filename", ""):
-            opened.filename = name  # so that later messages can name the file
-        return opened
-    return image
+    if isinstance(value, dict):  # embedded bytes win over the path, which may only be informative
+        name = value.get("path")
+        value = value.get("bytes") or name
+    if value is None:
+        raise BadExampleError(f"{what} of image {image_id!r} is missing")
+    if name is None:
+        name = str(value) if isinstance(value, (str, os.PathLike)) else f"<{what} bytes of image {image_id}>"
+    try:
+        return reader(value, name, what), str(name)
+    except ImageReadError as error:
+        raise BadExampleError(f"{error} (image id {image_id!r})") from error
 
 
 def decode_row(row: dict[str, Any]) -> SegmentationRecord:
     """One stored row -> a segmentation record (raises ``BadExampleError`` naming the file and the id)."""
     image_id = str(row["image_id"])
-    image = open_image(row["image"], "image", image_id)
-    image_name = getattr(image, "filename", "") or row.get("file_name") or image_id
-    try:
-        image = image.convert("RGB")
-    except OSError as error:
-        raise BadExampleError(f"cannot decode image {image_name!r} (id {image_id!r}): {error}") from error
+    image, image_name = _read(row["image"], "image", image_id, read_image)
     width, height = image.size
     annotation_format = row["annotation_format"]
     if annotation_format == "coco_instance":
         segments = instance_segments(row, height, width, image_id)
     elif annotation_format in _ANNOTATION_DECODERS:
-        annotation = open_image(row["annotation"], "annotation", image_id)
-        annotation_name = getattr(annotation, "filename", "") or f"annotation of {image_id}"
+        annotation, annotation_name = _read(row["annotation"], "annotation", image_id, read_label_image)
         if annotation.size != (width, height):
             raise BadExampleError(
                 f"annotation {annotation_name!r} of image {image_id!r} is {annotation.size[0]}x{annotation.size[1]}, "
@@ -121,7 +112,7 @@ def decode_row(row: dict[str, Any]) -> SegmentationRecord:
         "class_labels": class_labels,
         "iscrowd": iscrowd,
         "image_id": image_id,
-        "file_name": row.get("file_name") or os.path.basename(str(image_name)),
+        "file_name": row.get("file_name") or os.path.basename(image_name),
         "skipped": False,
         "skip_reasons": [],
     }

@@ -33,8 +33,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 import torch
-from PIL import Image
 
+from ...processing.image_io import read_image
 from ...utils.optional import require
 from .records import LabelInfo
 from .synthetic_videos import SYNTHETIC_VIDEO_SOURCE, generate_synthetic_moving_shapes
@@ -287,8 +287,7 @@ def read_frames(file_names: list[str], frame_indices: list[int]) -> list[np.ndar
     for index in frame_indices:
         path = file_names[index]
         try:
-            with Image.open(path) as image:
-                frames.append(np.asarray(image.convert("RGB")))
+            frames.append(np.asarray(read_image(path, what=f"frame {index}")))
         except (OSError, ValueError) as error:
             raise OSError(f"cannot read frame {index} of the video: {path} ({error})") from error
     return frames
