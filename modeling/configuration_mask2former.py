@@ -62,6 +62,10 @@ class Mask2FormerConfig(_TransformersMask2FormerConfig):
     """
 
     model_type = "mask2former"
+    # Structural constants of the paper's architecture. transformers' schema has no fields for them, so they are
+    # class attributes (read as ``config.num_feature_levels``), not serialised: saved configs stay transformers'.
+    num_feature_levels = 3  # backbone maps the deformable encoder and the decoder's round robin use (strides 32-8)
+    encoder_n_points = 4  # deformable-attention sampling points per level and head
 
     def __post_init__(self, **kwargs):
         # The timm option, resolved here without the Hub lookup transformers would make for a bare backbone name.

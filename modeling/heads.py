@@ -7,9 +7,16 @@ resized to the next layer's feature level and thresholded at sigmoid 0.5, is tha
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
+
+if TYPE_CHECKING:
+    from .configuration_mask2former import Mask2FormerConfig
 
 
 class Mask2FormerPredictionBlock(nn.Sequential):
@@ -17,6 +24,13 @@ class Mask2FormerPredictionBlock(nn.Sequential):
 
     def __init__(self, in_dim: int, out_dim: int, activation: nn.Module) -> None:
         super().__init__(nn.Linear(in_dim, out_dim), activation)
+
+    def initialize_parameters(self, config: Mask2FormerConfig) -> None:
+        """torch's default `nn.Linear` initialisation, as in the original mask MLP."""
+        linear = self[0]
+        init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
+        bound = 1.0 / math.sqrt(linear.weight.shape[1])
+        init.uniform_(linear.bias, -bound, bound)
 
 
 class Mask2FormerMLPPredictionHead(nn.Sequential):
@@ -43,14 +57,12 @@ class Mask2FormerMaskPredictor(nn.Module):
 
     Args:
         hidden_size (`int`): width of the query features.
-        num_heads (`int`): attention heads of the decoder (kept for reference; the mask is shared by all heads).
         mask_feature_size (`int`): channels of the mask features.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int, mask_feature_size: int) -> None:
+    def __init__(self, hidden_size: int, mask_feature_size: int) -> None:
         super().__init__()
         self.hidden_size = hidden_size
-        self.num_heads = num_heads
         self.mask_embedder = Mask2FormerMLPPredictionHead(hidden_size, hidden_size, mask_feature_size)
 
     def forward(

@@ -1,8 +1,9 @@
 """Mask2Former (Cheng et al., CVPR 2022), assembled from its stages as in the paper's figure:
 
-    pixel_values (B, 3, H, W) [+ pixel_mask (B, H, W)]
-      -> backbone                          4 maps, strides 4, 8, 16, 32           (backbone.py)
-      -> pixel decoder                     3 maps, strides 32, 16, 8 + mask features at stride 4   (pixel_decoder.py)
+    pixel_values (B, 3, H, W) [+ pixel_mask (B, H, W) -> valid regions, read once]         (padding.py)
+      -> backbone                          4 maps, strides 4, 8, 16, 32                       (backbone.py)
+      -> pixel decoder                     3 maps, strides 32, 16, 8 (+ their valid masks) and mask features at
+                                           stride 4                                           (pixel_decoder.py)
       -> transformer decoder (+ heads)     per layer: mask logits (B, Q, H/4, W/4) and the next attention mask
                                                                                    (transformer_decoder.py, heads.py)
       -> class head                        per layer: class logits (B, Q, K + 1)
@@ -15,8 +16,6 @@ its valid region alone or padded in a batch.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -25,23 +24,34 @@ from transformers import initialization as init
 from .backbone import backbone_features, build_backbone
 from .configuration_mask2former import Mask2FormerConfig
 from .heads import Mask2FormerPredictionBlock
+from .loss import Mask2FormerLoss
 from .outputs import (
     Mask2FormerForUniversalSegmentationOutput,
     Mask2FormerModelOutput,
     Mask2FormerPixelLevelModuleOutput,
 )
-from .padding import SIZE_DIVISOR, SizeGroup, group_by_padded_size, scatter_padded
+from .padding import SIZE_DIVISOR, ValidRegions, run_per_valid_region, valid_regions
 from .pixel_decoder import Mask2FormerMultiscaleDeformableAttention, Mask2FormerPixelDecoder
 from .transformer_decoder import Mask2FormerMaskedAttentionDecoderLayer, Mask2FormerTransformerModule
+
+# Stages whose parameters follow the paper's (and transformers') rules rather than torch's defaults; each one knows its
+# own rule (``initialize_parameters(config)``).
+_STAGES_WITH_OWN_INITIALIZATION = (
+    Mask2FormerMultiscaleDeformableAttention,
+    Mask2FormerPixelDecoder,
+    Mask2FormerMaskedAttentionDecoderLayer,
+    Mask2FormerTransformerModule,
+    Mask2FormerPredictionBlock,
+)
 
 
 class Mask2FormerPixelLevelModule(nn.Module):
     """Backbone + pixel decoder.
 
-    Without padding (``pixel_mask`` None, or every image filling the batch size) this is one batched call. With
-    padding, each image runs on its valid region rounded up to 32 (the input the processor gives it alone; images of
-    one rounded size share a call) and the maps are zero-padded back to the batch size: convolutions, normalisation
-    statistics and windows then never see another image's padding.
+    Without padding (no valid regions) this is one batched call. With padding, each stage runs per valid region
+    (``padding.run_per_valid_region``): each image on its valid region rounded up to 32, the input the processor gives
+    it alone (images of one rounded size share a call), and the stage's maps are zero-padded back to the batch size.
+    Convolutions, normalisation statistics and windows then never see another image's padding.
     """
 
     def __init__(self, config: Mask2FormerConfig) -> None:
@@ -49,49 +59,24 @@ class Mask2FormerPixelLevelModule(nn.Module):
         self.encoder = build_backbone(config)
         self.decoder = Mask2FormerPixelDecoder(config, feature_channels=self.encoder.channels)
 
-    def _run(
-        self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None
-    ) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...], torch.Tensor]:
-        features = backbone_features(self.encoder, pixel_values)
-        decoded = self.decoder(features, pixel_mask)
-        return features, decoded.multi_scale_features, decoded.mask_features
+    def _backbone(self, inputs: list[torch.Tensor], regions: ValidRegions | None) -> list[torch.Tensor]:
+        return backbone_features(self.encoder, inputs[0])
 
     def forward(
         self,
         pixel_values: torch.Tensor,
-        pixel_mask: torch.Tensor | None = None,
+        valid_regions: ValidRegions | None = None,
         output_hidden_states: bool = False,
-        size_groups: list[SizeGroup] | None = None,
     ) -> Mask2FormerPixelLevelModuleOutput:
-        """`(B, 3, H, W)` (+ `(B, H, W)` mask, True = real pixel, None = no padding) -> backbone and decoder maps.
-
-        ``size_groups`` (from ``group_by_padded_size(pixel_mask)``) saves reading the mask again on the host.
-        """
-        if pixel_mask is None:
-            features, multi_scale, mask_features = self._run(pixel_values, None)
-        else:
-            batch_size, _, height, width = pixel_values.shape
-            groups = group_by_padded_size(pixel_mask) if size_groups is None else size_groups
-            if len(groups) == 1 and (groups[0].height, groups[0].width) == (height, width):
-                features, multi_scale, mask_features = self._run(pixel_values, pixel_mask)
-            else:
-                per_group = []
-                for group in groups:
-                    index = torch.tensor(group.indices, device=pixel_values.device)
-                    crop = pixel_values[index, :, : group.height, : group.width]
-                    crop_mask = pixel_mask[index, : group.height, : group.width] if group.has_padding else None
-                    group_features, group_multi_scale, group_mask_features = self._run(crop, crop_mask)
-                    per_group.append([*group_features, *group_multi_scale, group_mask_features])
-                maps = scatter_padded(per_group, groups, batch_size, height, width)
-                num_features, num_scales = len(self.encoder.channels), self.decoder.num_feature_levels
-                features = maps[:num_features]
-                multi_scale = tuple(maps[num_features : num_features + num_scales])
-                mask_features = maps[-1]
+        """`(B, 3, H, W)` (+ the batch's valid regions, None = no padding) -> backbone and pixel decoder maps."""
+        features = run_per_valid_region(self._backbone, [pixel_values], valid_regions)
+        decoded = run_per_valid_region(self.decoder, features, valid_regions)
         return Mask2FormerPixelLevelModuleOutput(
             encoder_last_hidden_state=features[-1],
             encoder_hidden_states=tuple(features) if output_hidden_states else None,
-            decoder_last_hidden_state=mask_features,
-            decoder_hidden_states=tuple(multi_scale),
+            decoder_last_hidden_state=decoded.mask_features,
+            decoder_hidden_states=decoded.multi_scale_features,
+            level_valid_masks=decoded.level_valid_masks,
         )
 
 
@@ -117,41 +102,8 @@ class Mask2FormerPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         # Children are initialised before their parents, so a parent's rule overrides the generic one of its
         # children (e.g. the decoder layers' xavier over nn.Linear's normal). The rules are transformers'.
-        xavier_gain = self.config.init_xavier_std
-        if isinstance(module, Mask2FormerTransformerModule):
-            for projection in module.input_projections:
-                if isinstance(projection, nn.Conv2d):
-                    init.xavier_uniform_(projection.weight, gain=xavier_gain)
-                    init.constant_(projection.bias, 0.0)
-        elif isinstance(module, Mask2FormerMultiscaleDeformableAttention):
-            # sampling offsets start on rings around the reference point, one direction per head
-            init.constant_(module.sampling_offsets.weight, 0.0)
-            angles = torch.arange(module.n_heads, dtype=torch.float32) * (2.0 * math.pi / module.n_heads)
-            directions = torch.stack([angles.cos(), angles.sin()], -1)
-            directions = directions / directions.abs().max(-1, keepdim=True)[0]
-            # (heads, 2) -> (heads, L, P, 2), point p at distance p + 1
-            grid = directions.view(module.n_heads, 1, 1, 2).repeat(1, module.n_levels, module.n_points, 1)
-            grid = grid * torch.arange(1, module.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
-            init.copy_(module.sampling_offsets.bias, grid.flatten())
-            init.constant_(module.attention_weights.weight, 0.0)
-            init.constant_(module.attention_weights.bias, 0.0)
-            init.xavier_uniform_(module.value_proj.weight)
-            init.constant_(module.value_proj.bias, 0.0)
-            init.xavier_uniform_(module.output_proj.weight)
-            init.constant_(module.output_proj.bias, 0.0)
-        elif isinstance(module, Mask2FormerMaskedAttentionDecoderLayer):
-            for parameter in module.parameters():
-                if parameter.dim() > 1:
-                    init.xavier_uniform_(parameter, gain=xavier_gain)
-            init.zeros_(module.cross_attn.in_proj_bias)
-        elif isinstance(module, Mask2FormerPixelDecoder):
-            init.normal_(module.level_embed, std=1.0)
-        elif isinstance(module, Mask2FormerPredictionBlock):
-            # torch's default nn.Linear initialisation, as in the original mask MLP
-            linear = module[0]
-            init.kaiming_uniform_(linear.weight, a=math.sqrt(5))
-            bound = 1.0 / math.sqrt(linear.weight.shape[1])
-            init.uniform_(linear.bias, -bound, bound)
+        if isinstance(module, _STAGES_WITH_OWN_INITIALIZATION):
+            module.initialize_parameters(self.config)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, mean=0.0, std=1.0)
         elif isinstance(module, nn.BatchNorm2d):
@@ -161,8 +113,8 @@ class Mask2FormerPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.running_mean)
                 init.ones_(module.running_var)
                 init.zeros_(module.num_batches_tracked)
-        elif isinstance(getattr(module, "empty_weight", None), torch.Tensor):
-            # the loss' class weights: 1 per class, no_object_weight for "no object"
+        elif isinstance(module, Mask2FormerLoss):
+            # the class weights of the cross-entropy: 1 per class, no_object_weight for "no object"
             class_weights = torch.ones_like(module.empty_weight)
             class_weights[-1] = self.config.no_object_weight
             init.copy_(module.empty_weight, class_weights)
@@ -192,20 +144,6 @@ def _check_inputs(pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None, n
             f"pixel_mask must have shape (batch, height, width) = {(batch_size, height, width)} to match "
             f"pixel_values, got {tuple(pixel_mask.shape)}."
         )
-
-
-def _effective_pixel_mask(
-    pixel_mask: torch.Tensor | None, height: int, width: int
-) -> tuple[torch.Tensor | None, list[SizeGroup] | None]:
-    """The mask as bool and its size groups, or None when it marks no padding: an all-valid mask then runs exactly
-    the unpadded (batched, sync-free) path. Reads the mask on the host once."""
-    if pixel_mask is None:
-        return None, None
-    pixel_mask = pixel_mask.bool()
-    groups = group_by_padded_size(pixel_mask)
-    if all(not group.has_padding and (group.height, group.width) == (height, width) for group in groups):
-        return None, None
-    return pixel_mask, groups
 
 
 class Mask2FormerModel(Mask2FormerPreTrainedModel):
@@ -247,39 +185,28 @@ class Mask2FormerModel(Mask2FormerPreTrainedModel):
 
         num_channels = getattr(self.config.backbone_config, "num_channels", 3)
         _check_inputs(pixel_values, pixel_mask, num_channels)
-        pixel_mask, size_groups = _effective_pixel_mask(pixel_mask, pixel_values.shape[-2], pixel_values.shape[-1])
+        regions = valid_regions(pixel_mask)  # None without padding
 
-        pixel_level = self.pixel_level_module(pixel_values, pixel_mask, output_hidden_states, size_groups)
+        pixel_level = self.pixel_level_module(pixel_values, regions, output_hidden_states)
         decoded = self.transformer_module(
             pixel_level.decoder_hidden_states,
             pixel_level.decoder_last_hidden_state,
-            pixel_mask,
+            pixel_level.level_valid_masks,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        # transformers' layout for the per-layer query states: (Q, B, C)
-        intermediate = tuple(state.transpose(0, 1) for state in decoded.intermediate_hidden_states)
         output = Mask2FormerModelOutput(
             encoder_last_hidden_state=pixel_level.encoder_last_hidden_state,
             pixel_decoder_last_hidden_state=pixel_level.decoder_last_hidden_state,
             transformer_decoder_last_hidden_state=decoded.last_hidden_state,
             encoder_hidden_states=pixel_level.encoder_hidden_states if output_hidden_states else None,
             pixel_decoder_hidden_states=pixel_level.decoder_hidden_states if output_hidden_states else None,
-            transformer_decoder_hidden_states=(
-                tuple(state.transpose(0, 1) for state in decoded.hidden_states) if output_hidden_states else None
-            ),
-            transformer_decoder_intermediate_states=intermediate,
+            transformer_decoder_hidden_states=decoded.hidden_states,
+            transformer_decoder_intermediate_states=decoded.intermediate_hidden_states,
             masks_queries_logits=decoded.masks_queries_logits,
             attentions=decoded.attentions,
         )
         return output if return_dict else output.to_tuple()
-
-
-def _build_criterion(config: Mask2FormerConfig, weight_dict: dict[str, float]) -> nn.Module:
-    """The loss of modeling/loss.py (it holds the checkpointed ``criterion.empty_weight`` buffer)."""
-    from .loss import Mask2FormerLoss
-
-    return Mask2FormerLoss(config=config, weight_dict=weight_dict)
 
 
 class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
@@ -309,7 +236,7 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
             "loss_dice": config.dice_weight,
         }
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
-        self.criterion = _build_criterion(config, self.weight_dict)
+        self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict)  # holds criterion.empty_weight
         self.post_init()
 
     def forward(
@@ -356,7 +283,7 @@ class Mask2FormerForUniversalSegmentation(Mask2FormerPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        # one class prediction per decoder prediction: (Q, B, C) -> (B, Q, K + 1)
+        # one class prediction per decoder prediction, read batch-first like the mask head: (Q, B, C) -> (B, Q, K + 1)
         class_logits = [
             self.class_predictor(state.transpose(0, 1)) for state in outputs.transformer_decoder_intermediate_states
         ]

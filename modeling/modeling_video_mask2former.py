@@ -22,15 +22,15 @@ from torch import nn
 from transformers import AutoModel, AutoModelForUniversalSegmentation
 
 from .configuration_video_mask2former import VideoMask2FormerConfig
+from .loss import Mask2FormerLoss
 from .modeling_mask2former import (
     Mask2FormerForUniversalSegmentation,
     Mask2FormerPixelLevelModule,
     Mask2FormerPreTrainedModel,
-    _build_criterion,
     _check_inputs,
-    _effective_pixel_mask,
 )
 from .outputs import Mask2FormerForUniversalSegmentationOutput, Mask2FormerModelOutput
+from .padding import valid_regions
 from .video_transformer_decoder import VideoMask2FormerTransformerModule
 
 
@@ -132,33 +132,27 @@ class VideoMask2FormerModel(VideoMask2FormerPreTrainedModel):
         num_channels = getattr(self.config.backbone_config, "num_channels", 3)
         frames, frame_masks = _check_video_inputs(pixel_values_videos, pixel_mask, num_channels)
         batch_size, num_frames = pixel_values_videos.shape[:2]
-        height, width = frames.shape[-2:]
-        frame_masks, size_groups = _effective_pixel_mask(frame_masks, height, width)
-        # the clip's own mask is its first frame's (all frames share it)
-        clip_mask = None if frame_masks is None else frame_masks.view(batch_size, num_frames, height, width)[:, 0]
-
-        pixel_level = self.pixel_level_module(frames, frame_masks, output_hidden_states, size_groups)
+        pixel_level = self.pixel_level_module(frames, valid_regions(frame_masks), output_hidden_states)
+        # a clip's valid cells per level are its first frame's (all frames share them): (B*T, h, w) -> (B, h, w)
+        clip_masks = pixel_level.level_valid_masks
+        if clip_masks is not None:
+            clip_masks = tuple(mask.view(batch_size, num_frames, *mask.shape[1:])[:, 0] for mask in clip_masks)
         decoded = self.transformer_module(
             pixel_level.decoder_hidden_states,
             pixel_level.decoder_last_hidden_state,
             num_frames,
-            clip_mask,
+            clip_masks,
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        # transformers' layout for the per-layer query states: (Q, B, C)
         output = VideoMask2FormerModelOutput(
             encoder_last_hidden_state=pixel_level.encoder_last_hidden_state,
             pixel_decoder_last_hidden_state=pixel_level.decoder_last_hidden_state,
             transformer_decoder_last_hidden_state=decoded.last_hidden_state,
             encoder_hidden_states=pixel_level.encoder_hidden_states if output_hidden_states else None,
             pixel_decoder_hidden_states=pixel_level.decoder_hidden_states if output_hidden_states else None,
-            transformer_decoder_hidden_states=(
-                tuple(state.transpose(0, 1) for state in decoded.hidden_states) if output_hidden_states else None
-            ),
-            transformer_decoder_intermediate_states=tuple(
-                state.transpose(0, 1) for state in decoded.intermediate_hidden_states
-            ),
+            transformer_decoder_hidden_states=decoded.hidden_states,
+            transformer_decoder_intermediate_states=decoded.intermediate_hidden_states,
             masks_queries_logits=decoded.masks_queries_logits,
             attentions=decoded.attentions,
         )
@@ -197,7 +191,7 @@ class VideoMask2FormerForVideoSegmentation(VideoMask2FormerPreTrainedModel):
         self.class_predictor = nn.Linear(config.hidden_dim, config.num_labels + 1)
         # the image model's loss: its matcher and mask losses take tubes (points shared by a tube's frames in the
         # matching cost, per-frame points in the mask losses, normalised by the number of tubes)
-        self.criterion = _build_criterion(config, self.weight_dict)
+        self.criterion = Mask2FormerLoss(config=config, weight_dict=self.weight_dict)
         self.post_init()
 
     def forward(

@@ -23,13 +23,13 @@ class Mask2FormerPixelDecoderOutput(ModelOutput):
             transformer decoder.
         mask_features (`torch.Tensor` of shape `(B, mask_feature_size, H/4, W/4)`):
             Per-pixel embeddings that the query mask embeddings are dotted with.
-        attentions (`tuple[torch.Tensor]`, *optional*):
-            Deformable-attention weights per encoder layer, when asked for.
+        level_valid_masks (`tuple[torch.Tensor]`, *optional*):
+            `(B, H/s, W/s)` bool per multi-scale feature, True on cells of real pixels; None without padding.
     """
 
     multi_scale_features: tuple[torch.Tensor, ...] | None = None
     mask_features: torch.Tensor | None = None
-    attentions: tuple[torch.Tensor, ...] | None = None
+    level_valid_masks: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -41,12 +41,15 @@ class Mask2FormerPixelLevelModuleOutput(ModelOutput):
         encoder_hidden_states (`tuple[torch.Tensor]`, *optional*): the backbone's four feature maps (strides 4-32).
         decoder_last_hidden_state (`torch.Tensor` of shape `(B, mask_feature_size, H/4, W/4)`): the mask features.
         decoder_hidden_states (`tuple[torch.Tensor]`): the pixel decoder's maps at strides 32, 16, 8.
+        level_valid_masks (`tuple[torch.Tensor]`, *optional*): their valid cells `(B, H/s, W/s)`, None without
+            padding.
     """
 
     encoder_last_hidden_state: torch.Tensor | None = None
     encoder_hidden_states: tuple[torch.Tensor, ...] | None = None
     decoder_last_hidden_state: torch.Tensor | None = None
     decoder_hidden_states: tuple[torch.Tensor, ...] | None = None
+    level_valid_masks: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -55,13 +58,13 @@ class Mask2FormerMaskedAttentionDecoderOutput(ModelOutput):
 
     Args:
         last_hidden_state (`torch.Tensor` of shape `(B, Q, hidden_dim)`): query features after the last layer.
-        hidden_states (`tuple[torch.Tensor]`, *optional*): query features `(Q, B, hidden_dim)` entering each layer,
-            plus the last layer's output.
+        hidden_states (`tuple[torch.Tensor]`, *optional*): query features `(Q, B, hidden_dim)` (transformers' layout)
+            entering each layer, plus the last layer's output; on the autograd path.
         attentions (`tuple[torch.Tensor]`, *optional*): self-attention weights `(B, heads, Q, Q)` per layer.
         masks_queries_logits (`tuple[torch.Tensor]`): mask logits `(B, Q, H/4, W/4)` before the first layer and after
             every layer.
         intermediate_hidden_states (`tuple[torch.Tensor]`): the layer-normed query features `(Q, B, hidden_dim)`
-            the class head reads, before the first layer and after every layer.
+            the heads read, before the first layer and after every layer; on the autograd path.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -81,7 +84,8 @@ class Mask2FormerModelOutput(ModelOutput):
         transformer_decoder_last_hidden_state (`torch.Tensor` of shape `(B, Q, hidden_dim)`): final query features.
         encoder_hidden_states (`tuple[torch.Tensor]`, *optional*): backbone feature maps.
         pixel_decoder_hidden_states (`tuple[torch.Tensor]`, *optional*): pixel decoder maps at strides 32, 16, 8.
-        transformer_decoder_hidden_states (`tuple[torch.Tensor]`, *optional*): query features per layer.
+        transformer_decoder_hidden_states (`tuple[torch.Tensor]`, *optional*): query features `(Q, B, hidden_dim)`
+            entering each decoder layer, plus the last layer's output.
         transformer_decoder_intermediate_states (`tuple[torch.Tensor]`): layer-normed query features
             `(Q, B, hidden_dim)` per prediction.
         masks_queries_logits (`tuple[torch.Tensor]`): mask logits `(B, Q, H/4, W/4)` per prediction.

@@ -6,9 +6,10 @@
       stride-4 output   -> 1x1 mask projection = mask features
     outputs: multi-scale features (strides 32, 16, 8) for the transformer decoder, mask features (stride 4)
 
-Padding: ``pixel_mask`` (True = real pixel) marks padded positions at every level; they are never sampled as values
-(their values are zeroed), the reference points and sampling offsets are scaled to each image's valid extent (valid
-ratios), and the position embedding is normalised by the valid extent.
+Padding: the valid regions (``padding.ValidRegions``, from ``pixel_mask``) mark the padded cells of every level; they
+are never sampled as values (their values are zeroed), the reference points and sampling offsets are scaled to each
+image's valid extent (valid ratios), and the position embedding is normalised by the valid extent. The per-level valid
+masks are returned with the features, for the transformer decoder.
 """
 
 from __future__ import annotations
@@ -18,16 +19,14 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_mask2former import Mask2FormerConfig
 from .ops import multi_scale_deformable_attention
 from .outputs import Mask2FormerPixelDecoderOutput
-from .padding import downsample_valid_mask
+from .padding import ValidRegions
 from .position_embedding import Mask2FormerSinePositionEmbedding
-
-NUM_ENCODER_LEVELS = 3  # the deformable encoder reads strides 32, 16, 8
-NUM_SAMPLING_POINTS = 4
 
 
 class Mask2FormerMultiscaleDeformableAttention(nn.Module):
@@ -53,6 +52,24 @@ class Mask2FormerMultiscaleDeformableAttention(nn.Module):
         self.attention_weights = nn.Linear(embed_dim, num_heads * n_levels * n_points)
         self.value_proj = nn.Linear(embed_dim, embed_dim)
         self.output_proj = nn.Linear(embed_dim, embed_dim)
+
+    def initialize_parameters(self, config: Mask2FormerConfig) -> None:
+        """Deformable DETR's rule: sampling offsets start on rings around the reference point (one direction per
+        head, point ``p`` at distance ``p + 1``), uniform attention weights, xavier projections."""
+        init.constant_(self.sampling_offsets.weight, 0.0)
+        angles = torch.arange(self.n_heads, dtype=torch.float32) * (2.0 * math.pi / self.n_heads)
+        directions = torch.stack([angles.cos(), angles.sin()], -1)
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        # (heads, 2) -> (heads, L, P, 2)
+        grid = directions.view(self.n_heads, 1, 1, 2).repeat(1, self.n_levels, self.n_points, 1)
+        grid = grid * torch.arange(1, self.n_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        init.copy_(self.sampling_offsets.bias, grid.flatten())
+        init.constant_(self.attention_weights.weight, 0.0)
+        init.constant_(self.attention_weights.bias, 0.0)
+        init.xavier_uniform_(self.value_proj.weight)
+        init.constant_(self.value_proj.bias, 0.0)
+        init.xavier_uniform_(self.output_proj.weight)
+        init.constant_(self.output_proj.bias, 0.0)
 
     def forward(
         self,
@@ -115,7 +132,7 @@ class Mask2FormerPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         super().__init__()
         dim = config.feature_size
         self.self_attn = Mask2FormerMultiscaleDeformableAttention(
-            dim, config.num_attention_heads, n_levels=NUM_ENCODER_LEVELS, n_points=NUM_SAMPLING_POINTS
+            dim, config.num_attention_heads, n_levels=config.num_feature_levels, n_points=config.encoder_n_points
         )
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, config.encoder_feedforward_dim)
@@ -130,18 +147,16 @@ class Mask2FormerPixelDecoderEncoderLayer(GradientCheckpointingLayer):
         reference_points: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
         valid_mask: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B, S, C)` -> `(B, S, C)` and the attention weights."""
-        attended, weights = self.self_attn(
-            hidden_states, position_embeddings, reference_points, spatial_shapes, valid_mask
-        )
+    ) -> torch.Tensor:
+        """`(B, S, C)` -> `(B, S, C)`."""
+        attended, _ = self.self_attn(hidden_states, position_embeddings, reference_points, spatial_shapes, valid_mask)
         hidden_states = self.self_attn_layer_norm(
             hidden_states + F.dropout(attended, p=self.dropout, training=self.training)
         )
         residual = hidden_states
         hidden_states = F.dropout(F.relu(self.fc1(hidden_states)), p=self.dropout, training=self.training)
         hidden_states = F.dropout(self.fc2(hidden_states), p=self.dropout, training=self.training)
-        return self.final_layer_norm(residual + hidden_states), weights
+        return self.final_layer_norm(residual + hidden_states)
 
 
 class Mask2FormerPixelDecoderEncoder(nn.Module):
@@ -178,45 +193,39 @@ class Mask2FormerPixelDecoderEncoder(nn.Module):
         spatial_shapes: list[tuple[int, int]],
         valid_ratios: torch.Tensor,
         valid_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
-        """`(B, S, C)` -> `(B, S, C)` (+ attention weights per layer when asked for)."""
+    ) -> torch.Tensor:
+        """`(B, S, C)` -> `(B, S, C)`."""
         reference_points = self.reference_points(spatial_shapes, valid_ratios)
-        attentions = () if output_attentions else None
         for layer in self.layers:
-            hidden_states, weights = layer(
-                hidden_states, position_embeddings, reference_points, spatial_shapes, valid_mask
-            )
-            if output_attentions:
-                attentions += (weights,)
-        return hidden_states, attentions
+            hidden_states = layer(hidden_states, position_embeddings, reference_points, spatial_shapes, valid_mask)
+        return hidden_states
 
 
 class Mask2FormerPixelDecoder(nn.Module):
-    """Backbone maps -> multi-scale features (strides 32, 16, 8) and mask features (stride 4).
+    """Backbone maps -> multi-scale features (strides 32, 16, 8), their valid masks, and mask features (stride 4).
 
     Args:
         config (`Mask2FormerConfig`): uses ``feature_size``, ``mask_feature_size``, ``feature_strides``,
-            ``common_stride`` and the encoder fields.
+            ``common_stride``, ``num_feature_levels`` and the encoder fields.
         feature_channels (`list[int]`): channels of the backbone's maps, strides 4 to 32.
     """
 
     def __init__(self, config: Mask2FormerConfig, feature_channels: list[int]) -> None:
         super().__init__()
         dim = config.feature_size
-        self.num_feature_levels = NUM_ENCODER_LEVELS
+        self.num_feature_levels = config.num_feature_levels
         self.position_embedding = Mask2FormerSinePositionEmbedding(num_features=dim // 2, normalize=True)
-        self.level_embed = nn.Parameter(torch.empty(NUM_ENCODER_LEVELS, dim))
+        self.level_embed = nn.Parameter(torch.empty(self.num_feature_levels, dim))
         # one projection per encoder level, lowest resolution first (stride 32, 16, 8)
         self.input_projections = nn.ModuleList(
             nn.Sequential(nn.Conv2d(channels, dim, kernel_size=1), nn.GroupNorm(32, dim))
-            for channels in feature_channels[-NUM_ENCODER_LEVELS:][::-1]
+            for channels in feature_channels[-self.num_feature_levels :][::-1]
         )
         self.encoder = Mask2FormerPixelDecoderEncoder(config)
         self.mask_projection = nn.Conv2d(dim, config.mask_feature_size, kernel_size=1)
 
         # FPN levels below the encoder's finest stride, down to common_stride (one level: stride 4)
-        finest_encoder_stride = min(config.feature_strides[-NUM_ENCODER_LEVELS:])
+        finest_encoder_stride = min(config.feature_strides[-self.num_feature_levels :])
         self.num_fpn_levels = int(math.log2(finest_encoder_stride) - math.log2(config.common_stride))
         lateral_convolutions, output_convolutions = [], []
         for index, channels in enumerate(feature_channels[: self.num_fpn_levels]):
@@ -233,26 +242,26 @@ class Mask2FormerPixelDecoder(nn.Module):
         self.lateral_convolutions = lateral_convolutions[::-1]
         self.output_convolutions = output_convolutions[::-1]
 
+    def initialize_parameters(self, config: Mask2FormerConfig) -> None:
+        """The level embeddings are standard normal."""
+        init.normal_(self.level_embed, std=1.0)
+
     def forward(
-        self,
-        features: list[torch.Tensor],
-        pixel_mask: torch.Tensor | None = None,
-        output_attentions: bool = False,
+        self, features: list[torch.Tensor], valid_regions: ValidRegions | None = None
     ) -> Mask2FormerPixelDecoderOutput:
         """
         Args:
             features: backbone maps `(B, C_i, H/s_i, W/s_i)`, strides 4, 8, 16, 32.
-            pixel_mask: `(B, H, W)`, True (1) on real pixels; None means no padding.
-            output_attentions: also return the deformable-attention weights.
+            valid_regions: where each image's real pixels are (see ``padding.py``); None means no padding.
         """
-        encoder_inputs = features[::-1][:NUM_ENCODER_LEVELS]  # strides 32, 16, 8
+        encoder_inputs = features[::-1][: self.num_feature_levels]  # strides 32, 16, 8
         batch_size = encoder_inputs[0].shape[0]
         spatial_shapes = [(x.shape[2], x.shape[3]) for x in encoder_inputs]
 
         flat_inputs, flat_positions, level_masks = [], [], []
         for level, x in enumerate(encoder_inputs):
             height, width = x.shape[2], x.shape[3]
-            mask = None if pixel_mask is None else downsample_valid_mask(pixel_mask, height, width)  # (B, H_l, W_l)
+            mask = None if valid_regions is None else valid_regions.on_grid(height, width)  # (B, H_l, W_l)
             position = self.position_embedding(batch_size, height, width, x.device, x.dtype, mask)
             # (B, C, H_l, W_l) -> (B, H_l*W_l, C)
             flat_inputs.append(self.input_projections[level](x).flatten(2).transpose(1, 2))
@@ -261,9 +270,9 @@ class Mask2FormerPixelDecoder(nn.Module):
         hidden_states = torch.cat(flat_inputs, 1)  # (B, S, C)
         position_embeddings = torch.cat(flat_positions, 1)
 
-        if pixel_mask is None:
+        if valid_regions is None:
             valid_mask = None
-            valid_ratios = hidden_states.new_ones(batch_size, NUM_ENCODER_LEVELS, 2)
+            valid_ratios = hidden_states.new_ones(batch_size, self.num_feature_levels, 2)
         else:
             valid_mask = torch.cat([mask.flatten(1) for mask in level_masks], 1)  # (B, S)
             # (B, L, 2) as (width ratio, height ratio): valid columns of row 0, valid rows of column 0
@@ -275,9 +284,7 @@ class Mask2FormerPixelDecoder(nn.Module):
                 1,
             ).to(hidden_states.dtype)
 
-        hidden_states, attentions = self.encoder(
-            hidden_states, position_embeddings, spatial_shapes, valid_ratios, valid_mask, output_attentions
-        )
+        hidden_states = self.encoder(hidden_states, position_embeddings, spatial_shapes, valid_ratios, valid_mask)
 
         # (B, S, C) -> per level (B, C, H_l, W_l)
         outputs = [
@@ -296,7 +303,7 @@ class Mask2FormerPixelDecoder(nn.Module):
             outputs.append(output_conv(lateral + upsampled))
 
         return Mask2FormerPixelDecoderOutput(
-            multi_scale_features=tuple(outputs[:NUM_ENCODER_LEVELS]),
+            multi_scale_features=tuple(outputs[: self.num_feature_levels]),
             mask_features=self.mask_projection(outputs[-1]),  # (B, mask_feature_size, H/4, W/4)
-            attentions=attentions,
+            level_valid_masks=None if valid_regions is None else tuple(level_masks),
         )

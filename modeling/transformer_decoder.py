@@ -6,7 +6,10 @@
         masked cross-attention (only inside the previous prediction's mask) -> self-attention -> FFN
         prediction i + 1 -> attention mask for layer i + 1
 
-All attention goes through ``scaled_dot_product_attention``. Padded keys (from ``pixel_mask``) are excluded.
+All attention goes through ``scaled_dot_product_attention``. Padded keys (the pixel decoder's per-level valid masks)
+are excluded. The layers compute batch-first `(B, Q, C)`; the per-layer query states are returned in transformers'
+`(Q, B, C)` layout, as views taken before their next use, so that they stay on the autograd path (``retain_grad()``
+on them works).
 """
 
 from __future__ import annotations
@@ -14,16 +17,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_mask2former import Mask2FormerConfig
 from .heads import Mask2FormerMaskPredictor
 from .outputs import Mask2FormerMaskedAttentionDecoderOutput
-from .padding import downsample_valid_mask
 from .position_embedding import Mask2FormerSinePositionEmbedding
-
-NUM_DECODER_LEVELS = 3
 
 
 def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
@@ -35,6 +36,16 @@ def _split_heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _merge_heads(x: torch.Tensor) -> torch.Tensor:
     # (B, heads, N, D) -> (B, N, heads * D)
     return x.transpose(1, 2).flatten(2)
+
+
+def _keep(state: torch.Tensor, kept: list[torch.Tensor] | None) -> torch.Tensor:
+    """Appends a `(B, Q, C)` query state to ``kept`` in transformers' `(Q, B, C)` layout and returns the `(B, Q, C)`
+    view *of the kept tensor* to compute on, so the returned state lies on the autograd path (as it does in
+    transformers, which computes in that layout). Views only: nothing is copied."""
+    if kept is None:
+        return state
+    kept.append(state.transpose(0, 1))  # (B, Q, C) -> (Q, B, C)
+    return kept[-1].transpose(0, 1)
 
 
 class Mask2FormerSelfAttention(nn.Module):
@@ -128,6 +139,13 @@ class Mask2FormerMaskedAttentionDecoderLayer(GradientCheckpointingLayer):
         self.fc2 = nn.Linear(config.dim_feedforward, dim)
         self.final_layer_norm = nn.LayerNorm(dim)
 
+    def initialize_parameters(self, config: Mask2FormerConfig) -> None:
+        """Xavier-uniform matrices (gain ``init_xavier_std``), zero input-projection biases of the cross-attention."""
+        for parameter in self.parameters():
+            if parameter.dim() > 1:
+                init.xavier_uniform_(parameter, gain=config.init_xavier_std)
+        init.zeros_(self.cross_attn.in_proj_bias)
+
     def _residual(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         return x + F.dropout(update, p=self.dropout, training=self.training)
 
@@ -183,9 +201,8 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             Mask2FormerMaskedAttentionDecoderLayer(config) for _ in range(config.decoder_layers - 1)
         )
         self.layernorm = nn.LayerNorm(config.hidden_dim)
-        self.mask_predictor = Mask2FormerMaskPredictor(
-            config.hidden_dim, config.num_attention_heads, config.mask_feature_size
-        )
+        self.mask_predictor = Mask2FormerMaskPredictor(config.hidden_dim, config.mask_feature_size)
+        self.num_feature_levels = config.num_feature_levels
 
     def forward(
         self,
@@ -209,18 +226,17 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
             mask_features: `(B, D, H/4, W/4)`.
             key_valid_masks: per level `(B, h_l*w_l)` bool (True = real pixel), or None without padding.
         """
-        hidden_states = query_features
-        all_hidden_states = () if output_hidden_states else None
+        all_hidden_states = [] if output_hidden_states else None
+        intermediate, mask_predictions = [], []
         attentions = () if output_attentions else None
 
-        normed = self.layernorm(hidden_states)
+        hidden_states = _keep(query_features, all_hidden_states)
+        normed = _keep(self.layernorm(hidden_states), intermediate)
         mask_logits, attention_mask = self.mask_predictor(normed, mask_features, memory_sizes[0], key_valid_masks[0])
-        intermediate, mask_predictions = (normed,), (mask_logits,)
+        mask_predictions.append(mask_logits)
 
         for index, layer in enumerate(self.layers):
-            level = index % NUM_DECODER_LEVELS
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+            level = index % self.num_feature_levels
             hidden_states, weights = layer(
                 hidden_states,
                 query_position_embeddings,
@@ -229,24 +245,22 @@ class Mask2FormerMaskedAttentionDecoder(nn.Module):
                 attention_mask,
                 output_attentions=output_attentions,
             )
-            next_level = (index + 1) % NUM_DECODER_LEVELS
-            normed = self.layernorm(hidden_states)
+            hidden_states = _keep(hidden_states, all_hidden_states)
+            next_level = (index + 1) % self.num_feature_levels
+            normed = _keep(self.layernorm(hidden_states), intermediate)
             mask_logits, attention_mask = self.mask_predictor(
                 normed, mask_features, memory_sizes[next_level], key_valid_masks[next_level]
             )
-            intermediate += (normed,)
-            mask_predictions += (mask_logits,)
+            mask_predictions.append(mask_logits)
             if output_attentions:
                 attentions += (weights,)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
 
         return Mask2FormerMaskedAttentionDecoderOutput(
             last_hidden_state=hidden_states,
-            hidden_states=all_hidden_states,
+            hidden_states=None if all_hidden_states is None else tuple(all_hidden_states),
             attentions=attentions,
-            masks_queries_logits=mask_predictions,
-            intermediate_hidden_states=intermediate,
+            masks_queries_logits=tuple(mask_predictions),
+            intermediate_hidden_states=tuple(intermediate),
         )
 
 
@@ -261,23 +275,30 @@ class Mask2FormerTransformerModule(nn.Module):
     def __init__(self, in_features: int, config: Mask2FormerConfig) -> None:
         super().__init__()
         dim = config.hidden_dim
-        self.num_feature_levels = NUM_DECODER_LEVELS
+        self.num_feature_levels = config.num_feature_levels
         self.position_embedder = Mask2FormerSinePositionEmbedding(num_features=dim // 2, normalize=True)
         self.queries_embedder = nn.Embedding(config.num_queries, dim)  # query position embeddings
         self.queries_features = nn.Embedding(config.num_queries, dim)  # initial query features
         needs_projection = in_features != dim or config.enforce_input_projection
         self.input_projections = nn.ModuleList(
             nn.Conv2d(in_features, dim, kernel_size=1) if needs_projection else nn.Identity()
-            for _ in range(NUM_DECODER_LEVELS)
+            for _ in range(self.num_feature_levels)
         )
         self.decoder = Mask2FormerMaskedAttentionDecoder(config)
-        self.level_embed = nn.Embedding(NUM_DECODER_LEVELS, dim)
+        self.level_embed = nn.Embedding(self.num_feature_levels, dim)
+
+    def initialize_parameters(self, config: Mask2FormerConfig) -> None:
+        """Xavier-uniform input projections (gain ``init_xavier_std``) with zero biases."""
+        for projection in self.input_projections:
+            if isinstance(projection, nn.Conv2d):
+                init.xavier_uniform_(projection.weight, gain=config.init_xavier_std)
+                init.constant_(projection.bias, 0.0)
 
     def forward(
         self,
         multi_scale_features: tuple[torch.Tensor, ...],
         mask_features: torch.Tensor,
-        pixel_mask: torch.Tensor | None = None,
+        level_valid_masks: tuple[torch.Tensor, ...] | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> Mask2FormerMaskedAttentionDecoderOutput:
@@ -285,13 +306,14 @@ class Mask2FormerTransformerModule(nn.Module):
         Args:
             multi_scale_features: `(B, C, h_l, w_l)` at strides 32, 16, 8.
             mask_features: `(B, D, H/4, W/4)`.
-            pixel_mask: `(B, H, W)`, True on real pixels; None means no padding.
+            level_valid_masks: `(B, h_l, w_l)` bool per level, True on real pixels (the pixel decoder's); None means
+                no padding.
         """
         batch_size = mask_features.shape[0]
         memories, positions, sizes, key_valid_masks = [], [], [], []
         for level, features in enumerate(multi_scale_features):
             height, width = features.shape[-2:]
-            mask = None if pixel_mask is None else downsample_valid_mask(pixel_mask, height, width)
+            mask = None if level_valid_masks is None else level_valid_masks[level]
             position = self.position_embedder(batch_size, height, width, features.device, features.dtype, mask)
             # (B, C, h, w) -> (B, h*w, C)
             projected = self.input_projections[level](features).flatten(2).transpose(1, 2)

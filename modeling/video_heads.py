@@ -19,7 +19,6 @@ class VideoMask2FormerMaskPredictor(Mask2FormerMaskPredictor):
 
     Args:
         hidden_size (`int`): width of the query features.
-        num_heads (`int`): attention heads of the decoder (the mask is shared by all heads).
         mask_feature_size (`int`): channels of the mask features.
     """
 

@@ -16,7 +16,6 @@ import torch
 
 from .configuration_mask2former import Mask2FormerConfig
 from .outputs import Mask2FormerMaskedAttentionDecoderOutput
-from .padding import downsample_valid_mask
 from .transformer_decoder import Mask2FormerMaskedAttentionDecoder, Mask2FormerTransformerModule
 from .video_heads import VideoMask2FormerMaskPredictor
 from .video_position_embedding import VideoMask2FormerSinePositionEmbedding
@@ -27,9 +26,7 @@ class VideoMask2FormerMaskedAttentionDecoder(Mask2FormerMaskedAttentionDecoder):
 
     def __init__(self, config: Mask2FormerConfig) -> None:
         super().__init__(config)
-        self.mask_predictor = VideoMask2FormerMaskPredictor(
-            config.hidden_dim, config.num_attention_heads, config.mask_feature_size
-        )
+        self.mask_predictor = VideoMask2FormerMaskPredictor(config.hidden_dim, config.mask_feature_size)
 
 
 class VideoMask2FormerTransformerModule(Mask2FormerTransformerModule):
@@ -53,7 +50,7 @@ class VideoMask2FormerTransformerModule(Mask2FormerTransformerModule):
         multi_scale_features: tuple[torch.Tensor, ...],
         mask_features: torch.Tensor,
         num_frames: int,
-        pixel_mask: torch.Tensor | None = None,
+        level_valid_masks: tuple[torch.Tensor, ...] | None = None,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
     ) -> Mask2FormerMaskedAttentionDecoderOutput:
@@ -62,7 +59,8 @@ class VideoMask2FormerTransformerModule(Mask2FormerTransformerModule):
             multi_scale_features: `(B*T, C, h_l, w_l)` at strides 32, 16, 8, frame index ``b * T + t``.
             mask_features: `(B*T, D, H/4, W/4)`, the same frame order.
             num_frames: T, the frames of each clip.
-            pixel_mask: `(B, H, W)`, True on real pixels (one mask per clip); None means no padding.
+            level_valid_masks: `(B, h_l, w_l)` bool per level, True on real pixels (one mask per clip); None means
+                no padding.
 
         Returns:
             the decoder output; its ``masks_queries_logits`` are tubes `(B, Q, T, H/4, W/4)`.
@@ -76,7 +74,7 @@ class VideoMask2FormerTransformerModule(Mask2FormerTransformerModule):
         memories, positions, sizes, key_valid_masks = [], [], [], []
         for level, features in enumerate(multi_scale_features):
             height, width = features.shape[-2:]
-            mask = None if pixel_mask is None else downsample_valid_mask(pixel_mask, height, width)
+            mask = None if level_valid_masks is None else level_valid_masks[level]
             position = self.position_embedder(
                 batch_size, num_frames, height, width, features.device, features.dtype, mask
             )

@@ -24,7 +24,7 @@ from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
 from transformers.processing_utils import ImagesKwargs
 
-from ..modeling.padding import valid_sizes
+from ..modeling.padding import SIZE_DIVISOR, valid_sizes
 from . import post_processing
 from .image_inputs import (
     as_list,
@@ -96,7 +96,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
     do_rescale = True
     rescale_factor = 1 / 255
     do_normalize = True
-    size_divisor = 32
+    size_divisor = SIZE_DIVISOR
     ignore_index = None
     do_reduce_labels = False
     num_labels = None

@@ -218,22 +218,6 @@ def test_padding_changes_transformers_but_not_us(model_config):
     assert (reference_alone - reference_batched).abs().max() > 1e-3 * reference_alone.abs().max()
 
 
-def test_valid_mask_on_feature_grids():
-    from mask2former.modeling.padding import downsample_valid_mask
-
-    pixel_mask = torch.zeros(2, 64, 96, dtype=torch.long)
-    pixel_mask[0, :50, :70] = 1
-    pixel_mask[1] = 1
-    # stride 8: ceil(50 / 8) = 7 rows, ceil(70 / 8) = 9 columns hold real pixels
-    grid = downsample_valid_mask(pixel_mask, 8, 12)
-    expected = torch.zeros(2, 8, 12, dtype=torch.bool)
-    expected[0, :7, :9] = True
-    expected[1] = True
-    assert torch.equal(grid, expected)
-    # stride 32: ceil(50 / 32) = 2 rows, ceil(70 / 32) = 3 columns
-    assert torch.equal(downsample_valid_mask(pixel_mask, 2, 3)[0], torch.ones(2, 3, dtype=torch.bool))
-
-
 def test_padded_batch_trains(model_config):
     """Gradients flow through the per-size path (crops, zero-padded maps, masked attention) and are finite."""
     model, _, _, _, batch, batch_mask = padded_batch_case(model_config("resnet"))

@@ -80,7 +80,8 @@ def test_video_decoder_reproduces_the_original_within_1e_5():
     features = [inputs[f"multi_scale_features.{level}"] for level in range(3)]
     with torch.no_grad():
         decoded = module(features, inputs["mask_features"], num_frames=3)
-    class_logits = [class_head(state) for state in decoded.intermediate_hidden_states]
+    # (Q, B, C) -> (B, Q, K + 1)
+    class_logits = [class_head(state.transpose(0, 1)) for state in decoded.intermediate_hidden_states]
     masks = decoded.masks_queries_logits
     assert len(masks) == 4  # the learnable queries' prediction + one per layer
     assert_close_relative(class_logits[-1], expected["pred_logits"], "pred_logits", 1e-5)
