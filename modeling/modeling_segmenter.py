@@ -30,6 +30,7 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.models.vit.modeling_vit import ViTEmbeddings
 from transformers.utils import ModelOutput
 
+from . import padding
 from .configuration_segmenter import SegmenterConfig
 from .decoder_mask_transformer import (
     SegmenterDropPath,
@@ -38,7 +39,6 @@ from .decoder_mask_transformer import (
     build_decoder,
     drop_path_rates,
 )
-from .padding import group_by_padded_size, scatter_padded
 
 
 def resize_position_embeddings(
@@ -192,17 +192,10 @@ def run_per_valid_region(
         padding inside the batch this is one call of `function` on the (patch-padded) batch.
     """
     padded = pad_to_patches(pixel_values, patch_size)
-    if pixel_mask is None:
-        return function(padded)
-    groups = group_by_padded_size(pixel_mask, size_divisor=patch_size)
-    height, width = padded.shape[-2:]
-    if len(groups) == 1 and (groups[0].height, groups[0].width) == (height, width):
-        return function(padded)
-    per_group = []
-    for group in groups:
-        index = torch.tensor(group.indices, device=padded.device)
-        per_group.append(function(padded[index, :, : group.height, : group.width]))
-    return scatter_padded(per_group, groups, pixel_values.shape[0], height, width)
+    if pixel_mask is not None:
+        pixel_mask = pad_to_patches(pixel_mask[:, None], patch_size)[:, 0]  # the patch padding is padding too
+    regions = padding.valid_regions(pixel_mask, size_divisor=patch_size)
+    return padding.run_per_valid_region(lambda inputs, _: function(inputs[0]), [padded], regions)
 
 
 class SegmenterModel(SegmenterPreTrainedModel):

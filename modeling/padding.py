@@ -79,13 +79,13 @@ class ValidRegions:
         return ValidRegions(self.sizes[indices], (height, width))
 
 
-def valid_regions(pixel_mask: torch.Tensor | None) -> ValidRegions | None:
+def valid_regions(pixel_mask: torch.Tensor | None, size_divisor: int = SIZE_DIVISOR) -> ValidRegions | None:
     """The valid regions of a `(B, H, W)` pixel mask (1 = real pixel), or None when it marks no padding.
 
-    None (no mask, or all ones) selects the unpadded path: one batched pass without host synchronisation. Otherwise
-    the mask is read on the host once, to group the images by rounded-up valid size. Under ``torch.export``, which
-    cannot read data, the regions come without groups and the batch runs as one call with the masks applied: exact
-    for an all-ones mask and whenever every image's valid size rounds up to the input size.
+    None (no mask, or all ones) selects the unpadded path: one batched pass. Otherwise the mask is read on the host
+    once, to group the images by valid size rounded up to ``size_divisor``. Under ``torch.export``, which cannot read
+    data, the regions come without groups and the batch runs as one call with the masks applied: exact for an
+    all-ones mask and whenever every image's valid size rounds up to the input size.
 
     Raises:
         ValueError: an image has no valid pixel.
@@ -99,7 +99,7 @@ def valid_regions(pixel_mask: torch.Tensor | None) -> ValidRegions | None:
     host_sizes = [tuple(size) for size in sizes.tolist()]
     if all(size == input_size for size in host_sizes):
         return None
-    return ValidRegions(sizes, input_size, group_by_padded_size(host_sizes))
+    return ValidRegions(sizes, input_size, group_by_padded_size(host_sizes, size_divisor))
 
 
 def group_by_padded_size(sizes: list[tuple[int, int]], size_divisor: int = SIZE_DIVISOR) -> list[SizeGroup]:
