@@ -438,3 +438,66 @@ def test_deformable_attention_gets_fp32_locations_under_mixed_precision(monkeypa
         outputs = model(torch.randn(1, 3, 64, 64))
     assert seen and all(value == torch.bfloat16 and locations == torch.float32 for value, locations in seen), seen
     assert torch.isfinite(outputs.masks_queries_logits).all()
+
+
+HIDDEN_STATE_FIELDS = (
+    "encoder_last_hidden_state",
+    "pixel_decoder_last_hidden_state",
+    "transformer_decoder_last_hidden_state",
+    "encoder_hidden_states",
+    "pixel_decoder_hidden_states",
+    "transformer_decoder_hidden_states",
+)
+
+
+def _retained_hidden_states(outputs) -> dict[str, torch.Tensor]:
+    states = {}
+    for name in HIDDEN_STATE_FIELDS:
+        value = getattr(outputs, name)
+        for index, state in enumerate(value if isinstance(value, tuple) else (value,)):
+            state.retain_grad()
+            states[f"{name}[{index}]"] = state
+    return states
+
+
+def _objective(outputs) -> torch.Tensor:
+    return outputs.class_queries_logits.square().sum() + outputs.masks_queries_logits.square().mean()
+
+
+def test_returned_hidden_states_are_on_the_autograd_path_as_in_transformers(model_config):
+    """retain_grad() on every returned hidden state gives its gradient: the tensors are the ones computed on, not
+    copies. Where transformers' are on its path too, the gradients are equal on the same weights."""
+    model = Mask2FormerForUniversalSegmentation(model_config("swin")).eval()
+    reference = reference_twin(model)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    ours = model(pixel_values, output_hidden_states=True)
+    theirs = reference(pixel_values, output_hidden_states=True)
+    our_states, their_states = _retained_hidden_states(ours), _retained_hidden_states(theirs)
+    _objective(ours).backward()
+    _objective(theirs).backward()
+    compared = 0
+    for name, state in our_states.items():
+        assert state.grad is not None and state.grad.abs().sum() > 0, f"{name} is not on the autograd path"
+        their_grad = their_states[name].grad
+        if their_grad is not None:  # transformers' transformer_decoder_last_hidden_state is a copy
+            assert_close_relative(state.grad, their_grad, f"{name}.grad")
+            compared += 1
+    assert compared >= len(our_states) - 1
+    assert len(ours.transformer_decoder_hidden_states) == model.config.decoder_layers
+
+
+def test_hidden_states_of_a_padded_batch_are_on_the_autograd_path(model_config):
+    """With padding the stages run per valid region; the returned maps are still the ones the next stage read."""
+    model, _, _, _, batch, batch_mask = padded_batch_case(model_config("resnet"))
+    outputs = model(batch, pixel_mask=batch_mask, output_hidden_states=True)
+    states = _retained_hidden_states(outputs)
+    _objective(outputs).backward()
+    for name, state in states.items():
+        assert state.grad is not None and state.grad.abs().sum() > 0, f"{name} is not on the autograd path"
+    # the small image's backbone maps: its crop (64x96 of 128x160) receives gradient, the zero padding around it none
+    for index, state in enumerate(outputs.encoder_hidden_states):
+        stride = batch.shape[-1] // state.shape[-1]
+        crop = state.grad[0, :, : 64 // stride, : 96 // stride]
+        assert crop.abs().sum() > 0 and crop.abs().sum() == state.grad[0].abs().sum(), (
+            f"encoder_hidden_states[{index}]"
+        )
