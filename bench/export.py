@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
-from mask2former.export import Mask2FormerInferenceGraph, OnnxRuntimeMask2Former, export_onnx
+from mask2former.modeling.export import InferenceGraph, OnnxRuntimeMask2Former, export_onnx
 from mask2former.modeling.ops import active_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def main() -> None:
     torch.manual_seed(0)
 
     model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig.from_pretrained(args.config)).eval()
-    graph = Mask2FormerInferenceGraph(model).eval()
+    graph = InferenceGraph(model).eval()
     pixel_values = torch.randn(args.batch_size, 3, args.size, args.size)
     print(f"config {args.config.name}, input {tuple(pixel_values.shape)}, {args.threads} threads, ", end="")
     print(f"deformable attention: {active_backend(pixel_values.device, pixel_values.dtype)} (eager/compiled)")

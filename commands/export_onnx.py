@@ -30,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     import torch
 
     from mask2former import Mask2FormerForUniversalSegmentation
-    from mask2former.export import OnnxRuntimeMask2Former, export_onnx, max_abs_difference
+    from mask2former.modeling.export import OnnxRuntimeMask2Former, export_onnx, max_abs_difference
 
     for name in ("height", "width"):
         value = getattr(args, name)

@@ -1,7 +1,8 @@
-"""Compile and export Mask2Former's inference forward: ``torch.export`` programs, ONNX files and an onnxruntime runner.
+"""Compile and export a model's inference forward: ``torch.export`` programs, ONNX files and an onnxruntime runner.
 
-The exported graph is the ``pixel_mask=None`` inference path: ``pixel_values (B, 3, H, W)`` in, the last layer's
-``class_queries_logits (B, Q, K+1)`` and ``masks_queries_logits (B, Q, H/4, W/4)`` out. Batch, height and width are
+The exported graph is the ``pixel_mask=None`` inference path: ``pixel_values (B, 3, H, W)`` in, the outputs of the
+model's family (``families.py``: ``export_outputs``) out; for Mask2Former the last layer's
+``class_queries_logits (B, Q, K+1)`` and ``masks_queries_logits (B, Q, H/4, W/4)``. Batch, height and width are
 dynamic; height and width must be multiples of 32 (the backbone's coarsest stride), which is what the image processor
 produces when it pads to ``size_divisor=32``.
 
@@ -15,7 +16,7 @@ boolean mask), which the exporter maps to standard ONNX operators.
 Example::
 
     from mask2former import Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-    from mask2former.export import OnnxRuntimeMask2Former, export_onnx
+    from mask2former.modeling.export import OnnxRuntimeMask2Former, export_onnx
 
     model = Mask2FormerForUniversalSegmentation.from_pretrained("facebook/mask2former-swin-tiny-coco-panoptic")
     export_onnx(model, "mask2former.onnx")
@@ -32,32 +33,38 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.export import Dim
 
-from mask2former.utils.optional import require
+from ..families import family_for, family_of
+from ..utils.optional import require
+from . import ops
+from .padding import SIZE_DIVISOR as STRIDE  # height and width are multiples of the backbone's coarsest stride
 
-STRIDE = 32  # height and width of the exported graph are multiples of the backbone's coarsest stride
 INPUT_NAMES = ("pixel_values",)
-OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits")
 
 
-class Mask2FormerInferenceGraph(nn.Module):
-    """The graph that is compiled and exported: ``pixel_values -> (class_queries_logits, masks_queries_logits)``.
+class InferenceGraph(nn.Module):
+    """The graph that is compiled and exported: ``pixel_values -> the family's export_outputs``.
 
-    Wraps a `Mask2FormerForUniversalSegmentation` so that the exported program has one tensor input and two tensor
-    outputs (no labels, no auxiliary predictions, no ModelOutput container), which is what ONNX needs.
+    Wraps a model of any family (Mask2Former: ``(class_queries_logits, masks_queries_logits)``) so that the exported
+    program has one tensor input and tensor outputs only (no labels, no auxiliary predictions, no ModelOutput
+    container), which is what ONNX needs.
 
     Args:
-        model (`Mask2FormerForUniversalSegmentation`): the model; put it in eval mode first.
+        model (`Mask2FormerForUniversalSegmentation` or another family's model): the model; put it in eval mode
+            first.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.output_names = family_of(model.config).export_outputs
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`(B, 3, H, W)` -> `(B, Q, K+1)` class logits and `(B, Q, H/4, W/4)` mask logits."""
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """`(B, 3, H, W)` -> the outputs named by ``output_names`` (Mask2Former: `(B, Q, K+1)` class logits and
+        `(B, Q, H/4, W/4)` mask logits)."""
         outputs = self.model(pixel_values=pixel_values, output_auxiliary_logits=False, return_dict=True)
-        return outputs.class_queries_logits, outputs.masks_queries_logits
+        return tuple(getattr(outputs, name) for name in self.output_names)
 
 
 def check_pixel_values(pixel_values: torch.Tensor) -> None:
@@ -90,8 +97,6 @@ def dynamic_shapes(
     Height and width are ``32 * k`` with ``k`` a symbolic integer, so every multiple of 32 up to ``max_size`` is
     accepted by the same program; batch is any size up to ``max_batch_size``.
     """
-    from torch.export import Dim
-
     spec: dict[int, Any] = {}
     if dynamic_batch:
         spec[0] = Dim("batch", min=1, max=max_batch_size)
@@ -120,7 +125,7 @@ def _prepare(model: nn.Module, pixel_values: torch.Tensor | None) -> tuple[nn.Mo
         if parameter is not None:
             pixel_values = pixel_values.to(device=parameter.device, dtype=parameter.dtype)
     check_pixel_values(pixel_values)
-    graph = model if isinstance(model, Mask2FormerInferenceGraph) else Mask2FormerInferenceGraph(model)
+    graph = model if isinstance(model, InferenceGraph) else InferenceGraph(model)
     return graph, pixel_values
 
 
@@ -159,17 +164,6 @@ def export_program(
             dynamic_shapes=dynamic_shapes(dynamic_batch, dynamic_size, max_size=max_size),
             strict=strict,
         )
-
-
-def _force_reference_backend() -> contextlib.AbstractContextManager[None]:
-    """The ops package's switch to the grid_sample reference (standard ONNX GridSample once exported)."""
-    from mask2former.modeling import ops
-
-    if hasattr(ops, "force_reference"):
-        return ops.force_reference()
-    if hasattr(ops, "use_backend"):
-        return ops.use_backend("reference")
-    return contextlib.nullcontext()  # no compiled backend exists: the reference is the only path
 
 
 def _require_onnx() -> None:
@@ -212,14 +206,15 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     graph, pixel_values = _prepare(model, pixel_values)
-    with _eval_mode(graph), torch.no_grad(), _force_reference_backend():
+    # the grid_sample reference of deformable attention: standard ONNX GridSample nodes once exported
+    with _eval_mode(graph), torch.no_grad(), ops.use_backend("reference"):
         onnx_program = torch.onnx.export(
             graph,
             (pixel_values,),
             dynamo=True,
             dynamic_shapes=dynamic_shapes(dynamic_batch, dynamic_size, max_size=max_size),
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(graph.output_names),
             opset_version=opset_version,
             optimize=optimize,
             verbose=False,
@@ -229,11 +224,11 @@ def export_onnx(
 
 
 class OnnxRuntimeMask2Former:
-    """Runs an exported Mask2Former ONNX file with onnxruntime and returns the model's output type.
+    """Runs an exported ONNX file with onnxruntime and returns the model's output type.
 
-    ``runner(pixel_values)`` (or ``runner(**processor_inputs)``) returns a
-    `Mask2FormerForUniversalSegmentationOutput` with ``class_queries_logits`` and ``masks_queries_logits`` as torch
-    tensors, so ``processor.post_process_{semantic,instance,panoptic}_segmentation`` work on it unchanged.
+    ``runner(pixel_values)`` (or ``runner(**processor_inputs)``) returns the family's output type (Mask2Former:
+    `Mask2FormerForUniversalSegmentationOutput` with ``class_queries_logits`` and ``masks_queries_logits``) holding
+    torch tensors, so ``processor.post_process_{semantic,instance,panoptic}_segmentation`` work on it unchanged.
 
     The graph has no ``pixel_mask`` input (it is the ``pixel_mask=None`` path): a batch whose mask marks padding is
     refused, since padding would leak into the results; run padded images one at a time (without padding) instead.
@@ -242,13 +237,20 @@ class OnnxRuntimeMask2Former:
         path (`str` or `Path`): the `.onnx` file written by :func:`export_onnx`.
         providers (`list[str]`, *optional*): onnxruntime execution providers; CPU by default.
         num_threads (`int`, *optional*): intra-op threads (onnxruntime's default when None).
+        model_type (`str`): the family of the exported model (its ``config.model_type``), which gives the output type.
     """
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        providers: list[str] | None = None,
+        num_threads: int | None = None,
+        model_type: str = "mask2former",
+    ) -> None:
         onnxruntime = require("onnxruntime", "running ONNX files")
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"no ONNX file at {path}; write one with mask2former.export.export_onnx first")
+            raise ValueError(f"no ONNX file at {path}; write one with mask2former.modeling.export.export_onnx first")
         options = onnxruntime.SessionOptions()
         if num_threads is not None:
             options.intra_op_num_threads = num_threads
@@ -257,11 +259,10 @@ class OnnxRuntimeMask2Former:
         )
         self.input_names = [node.name for node in self.session.get_inputs()]
         self.output_names = [node.name for node in self.session.get_outputs()]
+        self.output_class = family_for(model_type).output_class
 
     def __call__(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None, **unused: Any):
-        """`(B, 3, H, W)` float pixels -> `Mask2FormerForUniversalSegmentationOutput` (torch tensors, CPU)."""
-        from mask2former.modeling.outputs import Mask2FormerForUniversalSegmentationOutput
-
+        """`(B, 3, H, W)` float pixels -> the family's output (torch tensors, CPU)."""
         pixel_values = torch.as_tensor(pixel_values)
         check_pixel_values(pixel_values)
         if pixel_mask is not None and not bool(torch.as_tensor(pixel_mask).all()):
@@ -270,18 +271,16 @@ class OnnxRuntimeMask2Former:
                 "the results); run the padded images one at a time, or with pixel_mask=None if the padding is wanted"
             )
         feeds = {self.input_names[0]: pixel_values.detach().cpu().float().numpy()}
-        results = dict(zip(self.output_names, self.session.run(None, feeds)))
-        return Mask2FormerForUniversalSegmentationOutput(
-            class_queries_logits=torch.from_numpy(results["class_queries_logits"]),
-            masks_queries_logits=torch.from_numpy(results["masks_queries_logits"]),
-        )
+        results = self.session.run(None, feeds)
+        return self.output_class(**{name: torch.from_numpy(array) for name, array in zip(self.output_names, results)})
 
 
 def max_abs_difference(model: nn.Module, runner: OnnxRuntimeMask2Former, pixel_values: torch.Tensor) -> float:
     """Largest absolute difference between eager PyTorch and onnxruntime logits on ``pixel_values``."""
+    graph = InferenceGraph(model)
     with _eval_mode(model), torch.no_grad():
-        expected = Mask2FormerInferenceGraph(model)(pixel_values)
+        expected = graph(pixel_values)
     actual = runner(pixel_values)
     return max(
-        (getattr(actual, name) - tensor.cpu()).abs().max().item() for name, tensor in zip(OUTPUT_NAMES, expected)
+        (getattr(actual, name) - tensor.cpu()).abs().max().item() for name, tensor in zip(graph.output_names, expected)
     )

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mask2former.export import (
+from mask2former.modeling.export import (
     OnnxRuntimeMask2Former,
     check_pixel_values,
     export_onnx,
@@ -154,7 +154,7 @@ def tiny_model(tiny_config):
 @pytest.fixture(scope="module")
 def onnx_file(tiny_model, tmp_path_factory):
     """The tiny model saved as a checkpoint and exported through `mask2former export-onnx`."""
-    from mask2former.cli import main
+    from mask2former.commands import main
 
     folder = tmp_path_factory.mktemp("onnx")
     tiny_model.save_pretrained(folder / "checkpoint")
@@ -249,7 +249,7 @@ def test_onnxruntime_runner_refuses_padded_batches(onnx_file):
 
 
 def test_cli_rejects_a_size_that_is_not_a_multiple_of_32(tmp_path):
-    from mask2former.cli import main
+    from mask2former.commands import main
 
     with pytest.raises(ValueError, match="--height must be a positive multiple of 32"):
         main(["export-onnx", "--model", str(tmp_path), "--height", "100", str(tmp_path / "x.onnx")])
