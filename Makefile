@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard modeling/ops/csrc/*.cpp modeling/op
 install: $(STAMP)
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m mask2former.demo
+	HF_HUB_OFFLINE=1 $(PY) -m mask2former demo
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -n 2 --durations=15

@@ -1,5 +1,5 @@
-import sys
+"""``python -m mask2former``: the command line of ``mask2former.commands``."""
 
-from mask2former.cli import main
+from mask2former.commands import main
 
-sys.exit(main())
+raise SystemExit(main())

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
-from mask2former.cli import main as cli_main
+from mask2former.commands import main as cli_main
 from mask2former.commands.convert_detectron2 import (
     RestrictedUnpickler,
     load_detectron2_checkpoint,

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from mask2former import SegmenterForSemanticSegmentation
-from mask2former.cli import main as cli_main
+from mask2former.commands import main as cli_main
 from mask2former.commands.convert_segmenter import convert_segmenter, load_torch_checkpoint, read_variant
 from mask2former.processing.image_processing_mask2former import Mask2FormerImageProcessor
 

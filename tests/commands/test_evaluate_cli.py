@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mask2former.cli import main as cli_main
+from mask2former.commands import main as cli_main
 
 
 def _run(capsys, *arguments):

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation, Mask2FormerImageProcessor
-from mask2former.cli import main as cli_main
+from mask2former.commands import main as cli_main
 from mask2former.commands.segment import mask_to_rle, panoptic_ids_to_rgb, rle_to_mask
 
 TINY = Path(__file__).resolve().parents[2] / "hub_configs" / "tiny-swin-coco-panoptic"

@@ -230,21 +230,3 @@ def test_single_process_run_logs_checkpoints_evaluates_and_saves(tmp_path):
     model = Mask2FormerForUniversalSegmentation.from_pretrained(output_dir / "model")
     assert model.config.id2label[0] == "circle" and model.config.num_labels == 6
     assert Mask2FormerImageProcessor.from_pretrained(output_dir / "model").size_divisor == 32
-
-
-def test_demo_trains_reloads_segments_and_writes_overlays_and_metrics(tmp_path):
-    from PIL import Image
-
-    from mask2former import demo
-
-    output_dir = tmp_path / "demo"
-    arguments = ["--output-dir", str(output_dir), "--recipe", "tiny-test", "--max-steps", "2", "--num-processes", "1"]
-    assert demo.main([*arguments, "--num-overlays", "3"]) == 0
-    summary = json.loads((output_dir / "demo_metrics.json").read_text())
-    assert summary["stock_transformers_loads_cleanly"] is True
-    assert summary["num_held_out_images"] == load_recipe("tiny-test")["dataset_options"]["num_eval_images"]
-    assert set(summary["metrics"]) >= {"PQ", "SQ", "RQ"} and summary["max_steps"] == 2
-    overlays = sorted((output_dir / "segmentations").glob("*.png"))
-    assert len(overlays) == summary["num_overlays"] == 3
-    with Image.open(overlays[0]) as overlay:  # prediction and ground truth side by side, 64 px images
-        assert overlay.size == (64 * 2 + 4, 64)

@@ -213,7 +213,7 @@ def test_results_with_the_wrong_number_of_frames_are_a_clear_error():
 
 
 def test_evaluate_command_scores_a_results_json(tmp_path, capsys):
-    from mask2former.cli import main as cli_main
+    from mask2former.commands import main as cli_main
 
     truths, detections, size = random_image_problem(4)
     ground_truth, results = one_frame_videos(truths, detections, size)
