@@ -13,7 +13,7 @@ picklable ``collate_fn`` for ``torch.utils.data.DataLoader``: ``list[record] -> 
   own resolution.
 - ``skipped``       (only when examples were skipped as bad input; pop it before ``model(**batch)``) list of the
   reasons: the placeholders of skipped examples are left out of the batch, and this is how their count reaches the
-  main process from DataLoader workers.
+  main process from DataLoader workers. A batch whose every example was skipped holds only ``skipped``.
 
 Which segments become training targets: crowd segments never (as in the paper's code, they are neither objects
 nor background); for ``task="instance"`` only thing classes; for ``task="semantic"`` one mask per class (segments of
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers.image_processing_utils import BatchFeature
 
 from ..processing.tasks import check_task
 from .data.records import SegmentationRecord
@@ -107,10 +108,9 @@ class SegmentationCollator:
         skip_reasons = [reason for record in records for reason in record.get("skip_reasons", ())]
         records = [record for record in records if not record.get("skipped")]
         if not records:
-            raise ValueError(
-                "cannot collate an empty batch (every example in it was skipped or none was given)"
-                + "".join(f"\n  skipped: {reason}" for reason in skip_reasons)
-            )
+            if skip_reasons:  # every example of the batch was bad: nothing to run, only the reasons to report
+                return BatchFeature({"skipped": skip_reasons})
+            raise ValueError("cannot collate an empty batch: no records were given")
         images, segmentation_maps, mappings = [], [], []
         for record in records:
             segmentation_map, id_to_label = renumber_segments(record, self.task, self.thing_ids)

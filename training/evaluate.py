@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from ..processing.image_io import read_label_image
 from ..processing.tasks import post_process
 from .data import LabelInfo, load_dataset_for_segmentation, rgb_to_id
 from .metrics import InstanceEvaluator, PanopticEvaluator, SemanticEvaluator, build_evaluator
+
+logger = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------------------------------------------------------------
 # A model on a dataset
@@ -97,6 +100,10 @@ def segment_dataset(
     try:
         for batch_indices in tqdm(batches, desc="evaluate", disable=not show_progress, leave=False):
             batch = evaluation.collate_fn([dataset[index] for index in batch_indices])
+            for reason in batch.pop("skipped", []):  # bad examples are left out of the evaluation, not scored
+                logger.warning("evaluation skipped a bad example: %s", reason)
+            if "targets" not in batch:  # every example of the batch was bad
+                continue
             targets = batch.pop("targets")
             target_sizes = [tuple(target["segment_map"].shape[-2:]) for target in targets]
             with torch.no_grad(), autocast():

@@ -112,6 +112,7 @@ class TrainArguments:
     num_workers: int | None = None
     tensorboard: bool = True
     progress: bool = True
+    on_bad_input: str = "skip"
     command: str = ""  # the command line that asked for the run, recorded in run_info.json and the model card
 
 
@@ -226,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="hide the tqdm progress bar (it is shown on the main process)",
     )
+    parser.add_argument(
+        "--on-bad-input",
+        choices=("skip", "raise"),
+        default="skip",
+        help="an unreadable image or label: skip it, counted in the log (default), or stop the run ('raise')",
+    )
     return parser
 
 
@@ -281,6 +288,7 @@ class TrainSettings:
     tensorboard: bool
     progress: bool
     command: str = field(default="")
+    on_bad_input: str = "skip"  # "skip": a bad example is replaced and counted in the log; "raise": the run stops
 
     def resolved_recipe(self) -> dict[str, Any]:
         """The recipe this run used (the command line's overrides applied): what the model card and run_info show."""
@@ -386,6 +394,7 @@ def resolve_settings(arguments: TrainArguments) -> TrainSettings:
         tensorboard=arguments.tensorboard,
         progress=arguments.progress,
         command=arguments.command,
+        on_bad_input=arguments.on_bad_input,
     )
     _validate(settings)
     return settings

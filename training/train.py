@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import logging
 import random
 import re
 import sys
@@ -50,6 +51,8 @@ from .evaluate import EvaluationSet, evaluate_model
 from .optim import build_optimizer, build_scheduler
 from .sampling import SeededSampleDataset, ShardedEpochSampler, epoch_batches
 from .settings import TrainSettings, build_parser, gradient_accumulation_steps, parse_arguments, resolve_settings
+
+logger = logging.getLogger(__name__)
 
 accelerate = require("accelerate", "training")  # the train extra; this module is the feature that needs it
 accelerate_utils = require("accelerate.utils", "training")
@@ -94,6 +97,7 @@ class LossWindow:
         self.sums: dict[str, torch.Tensor] = {}
         self.num_steps = 0
         self.start = time.perf_counter()
+        self.skip_reasons: list[str] = []  # bad examples this process replaced in the window's batches
 
     def add(self, outputs: Any, weight: float) -> None:
         """Add one micro-batch's ``loss`` and last-layer ``loss_dict`` terms, scaled by ``weight``."""
@@ -122,7 +126,13 @@ def _log_step(accelerator: Any, window: LossWindow, step: int, lr: float, images
     if not all(np.isfinite(value) for value in record.values()):
         raise FloatingPointError(f"loss is {record['loss']} in the {window.num_steps} steps up to {step}; lower --lr?")
     seconds = max(1e-9, time.perf_counter() - window.start)
-    record.update(step=step, lr=lr, images_per_second=window.num_steps * images_per_step / seconds)
+    for reason in window.skip_reasons:  # every process names its own
+        logger.warning("step %d: skipped a bad example: %s", step, reason)
+    count = torch.tensor(len(window.skip_reasons), device=accelerator.device)
+    skipped = int(accelerator.reduce(count, reduction="sum"))
+    record.update(
+        step=step, lr=lr, images_per_second=window.num_steps * images_per_step / seconds, skipped_examples=skipped
+    )
     if accelerator.is_main_process:
         with open(path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
@@ -195,6 +205,8 @@ def train(settings: TrainSettings) -> dict[str, float]:
     processor = build_processor(settings)
     with accelerator.main_process_first():  # the main process generates/caches the data, the others then read it
         data = build_data(settings, processor)
+    if data.skipped:  # on_bad_input="skip": each is named in a warning by the data loader
+        log(f"{len(data.skipped)} bad example(s) left out of the data while listing it; the first: {data.skipped[0]}")
     model = build_model(settings, data.label_info)
     family = model_family(settings)
     num_parameters = sum(p.numel() for p in model.parameters())
@@ -233,6 +245,7 @@ def train(settings: TrainSettings) -> dict[str, float]:
         "max_steps": max_steps,
         "mixed_precision": accelerator.mixed_precision,
         "command": settings.command,
+        "bad_examples_left_out": len(data.skipped),
     }
     if accelerator.is_main_process:
         (settings.output_dir / "run_info.json").write_text(json.dumps(run_info, indent=2) + "\n")
@@ -259,7 +272,9 @@ def train(settings: TrainSettings) -> dict[str, float]:
     model.train()
     while progress.step < max_steps:
         for micro in range(accumulation):
-            batch = _move_to_device(next(batches), accelerator.device)
+            batch = next(batches)
+            window.skip_reasons.extend(batch.pop("skipped", []))  # reported by the collator, also from workers
+            batch = _move_to_device(batch, accelerator.device)
             if not settings.train_with_pixel_mask:
                 batch.pop("pixel_mask", None)
             progress.micro_step += 1
