@@ -2,7 +2,8 @@
 
 API
 ---
-- ``to_image_tensor(image, device)``: PIL image, numpy array, torch tensor or path -> `(3, H, W)` (0-255 scale).
+- ``to_image_tensor(image, device, num_channels, input_data_format)``: PIL image, numpy array, torch tensor or path
+  -> `(C, H, W)` on the 0-255 scale (16-bit scaled), channels as transformers infers them or as given.
 - ``to_map_tensor(segmentation_map, device)``: the same kinds -> `(H, W)` integer ids (RGB panoptic PNGs decoded).
 - ``as_list(items, name)`` / ``per_image(value, index, name)``: one item or a batch; the entry of one image.
 - ``shortest_edge_size(height, width, shortest_edge, longest_edge)``: transformers' resize rule.
@@ -12,12 +13,13 @@ API
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers.image_utils import PILImageResampling
+from transformers.image_utils import ChannelDimension, PILImageResampling
 
 from .image_io import read_image, read_label_image
 
@@ -54,60 +56,116 @@ def per_image(value: Any, index: int, name: str, nested: bool = False) -> Any:
     return value[index]
 
 
-def _pil_to_array(image: Any, keep_ids: bool) -> np.ndarray:
-    if keep_ids:
-        # Palette images hold class ids in the palette index; keep them.
-        return np.asarray(image)
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        return np.asarray(image).astype(np.float32) / (257.0 if image.mode.startswith("I;16") else 1.0)
-    if image.mode not in ("RGB", "L", "RGBA", "LA"):
-        image = image.convert("RGBA" if "A" in image.mode or image.mode == "P" else "RGB")
-    return np.asarray(image)
+def _pil_to_array(image: Any) -> tuple[np.ndarray, bool]:
+    """A PIL image -> `(H, W)` or `(H, W, C)` array with the mode's bands, and whether the last band is alpha."""
+    if image.mode.startswith("I;16"):
+        return np.asarray(image).astype(np.uint16), False  # native byte order
+    if image.mode in ("I", "F", "L", "LA", "RGB", "RGBA"):
+        return np.asarray(image), image.mode in ("LA", "RGBA")
+    with_alpha = "A" in image.mode or "a" in image.mode or (image.mode == "P" and "transparency" in image.info)
+    return np.asarray(image.convert("RGBA" if with_alpha else "RGB")), with_alpha
 
 
-def to_image_tensor(image: Any, device: str | torch.device | None) -> torch.Tensor:
-    """Any supported image -> `(3, H, W)` uint8 or float tensor (0-255 scale)."""
+def channel_layout(value: str | ChannelDimension, name: str) -> ChannelDimension:
+    """`value` ("channels_first" / "channels_last" or the enum) as a `ChannelDimension` (`name` for the error)."""
+    try:
+        layout = ChannelDimension(value)
+    except ValueError:
+        layout = None
+    if layout not in (ChannelDimension.FIRST, ChannelDimension.LAST):
+        raise ValueError(f"{name} must be 'channels_first' or 'channels_last', got {value!r}.")
+    return layout
+
+
+def _channel_axis(shape: tuple[int, ...], input_data_format: Any, num_channels: int) -> int:
+    """0 or 2: where the channels of a 3-D array are, given or inferred as transformers infers them."""
+    if input_data_format is not None:
+        return 0 if channel_layout(input_data_format, "input_data_format") == ChannelDimension.FIRST else 2
+    counts = sorted({1, 3, 4, num_channels})
+    first, last = shape[0] in counts, shape[2] in counts
+    if first and last:
+        warnings.warn(
+            f"the channel axis of an image of shape {shape} is ambiguous; reading it as (C, H, W), as transformers "
+            "does. Pass input_data_format='channels_last' if it is (H, W, C).",
+            stacklevel=4,
+        )
+    if first or last:
+        return 0 if first else 2
+    raise ValueError(
+        f"cannot tell the channel axis of an image of shape {shape}: neither its first nor its last axis has "
+        f"{counts} entries. Pass input_data_format ('channels_first' or 'channels_last')."
+    )
+
+
+def _to_8bit_scale(tensor: torch.Tensor) -> torch.Tensor:
+    """Pixels on the 0-255 scale that `rescale_factor` (1/255) expects: 16-bit images (uint16, or integer / float
+    values above 255) are scaled by 255/65535."""
+    if tensor.dtype == torch.uint8:
+        return tensor
+    if tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"unsupported image dtype {tensor.dtype}; pass uint8, uint16 or float pixels.")
+    tensor = tensor.float()
+    peak = float(tensor.amax()) if tensor.numel() else 0.0
+    if peak > 65535:
+        raise ValueError(
+            f"pixel values go up to {peak:g}, more than 16 bits; pass 8-bit (0-255) or 16-bit (0-65535) pixels."
+        )
+    return tensor / 257.0 if peak > 255 else tensor
+
+
+def _match_channels(tensor: torch.Tensor, num_channels: int, has_alpha: bool) -> torch.Tensor:
+    """`(C, H, W)` -> `(num_channels, H, W)`: kept when they agree; gray -> RGB and RGBA (or gray + alpha) -> RGB
+    when 3 are wanted."""
+    channels = tensor.shape[0]
+    if channels == num_channels:
+        return tensor
+    if num_channels == 3 and channels in (1, 2, 4) and (channels != 2 or has_alpha):
+        return tensor[: 3 if channels == 4 else 1].expand(3, -1, -1)  # alpha dropped, gray repeated
+    raise ValueError(
+        f"an image of shape {tuple(tensor.shape)} (channels first) has {channels} channels but image_mean and "
+        f"image_std have {num_channels} values; pass {num_channels}-channel images, or an image_mean and image_std "
+        f"of {channels} values."
+    )
+
+
+def to_image_tensor(
+    image: Any,
+    device: str | torch.device | None,
+    num_channels: int = 3,
+    input_data_format: str | ChannelDimension | None = None,
+) -> torch.Tensor:
+    """Any supported image -> `(num_channels, H, W)` uint8 or float tensor on the 0-255 scale.
+
+    Channels: a PIL image has its mode's bands; for a 3-D array or tensor `input_data_format` says where they are,
+    otherwise they are inferred as transformers does (the axis of 1, 3, 4 or `num_channels` entries, the first when
+    both are). They are kept when there are `num_channels` of them (the length of `image_mean`/`image_std`); with 3
+    wanted, gray becomes RGB and the alpha of RGBA (or gray + alpha) is dropped; anything else is an error naming the
+    shapes. Bit depth: 16-bit pixels (uint16, PIL "I;16"/"I", integer or float values above 255) are scaled to 0-255.
+    """
     from PIL import Image
 
     if isinstance(image, (str, os.PathLike)):
         image = read_image(image)  # EXIF orientation applied, 16-bit scaled, the file named in any error
+    has_alpha = False
     if isinstance(image, Image.Image):
-        array = _pil_to_array(image, keep_ids=False)
+        array, has_alpha = _pil_to_array(image)
         tensor = torch.from_numpy(np.array(array, copy=True))
-        channels_last = tensor.ndim == 3
+        input_data_format = ChannelDimension.LAST
     elif isinstance(image, (np.ndarray, torch.Tensor)):
         tensor = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
-        channels_last = None
     else:
         raise ValueError(
             f"unsupported image type {type(image).__name__}; pass a PIL image, numpy array, torch tensor or path."
         )
-    if tensor.dtype == torch.uint16 or (tensor.dtype == torch.int32 and tensor.max() > 255):
-        tensor = tensor.float() / 257.0  # 16-bit -> 0-255 scale, so that rescale_factor 1/255 still applies
-    elif tensor.dtype == torch.bool or tensor.is_complex():
-        raise ValueError(f"unsupported image dtype {tensor.dtype}; pass uint8, uint16 or float pixels.")
+    tensor = _to_8bit_scale(tensor)
     if tensor.ndim == 2:
         tensor = tensor[None]
     elif tensor.ndim == 3:
-        if channels_last is None:
-            # HWC when the last axis looks like channels, CHW when the first does.
-            channels_last = tensor.shape[-1] in (1, 3, 4) and tensor.shape[0] not in (1, 3, 4)
-            if not channels_last and tensor.shape[0] not in (1, 3, 4):
-                raise ValueError(
-                    f"image of shape {tuple(tensor.shape)} has no channel axis of 1, 3 or 4; pass (H, W), (H, W, C) "
-                    "or (C, H, W) with C in 1 (gray), 3 (RGB), 4 (RGBA)."
-                )
-        if channels_last:
+        if _channel_axis(tuple(tensor.shape), input_data_format, num_channels) == 2:
             tensor = tensor.permute(2, 0, 1)  # (H, W, C) -> (C, H, W)
     else:
         raise ValueError(f"an image must have 2 or 3 dimensions, got shape {tuple(tensor.shape)}.")
-    channels = tensor.shape[0]
-    if channels == 1:
-        tensor = tensor.expand(3, -1, -1)  # gray -> RGB
-    elif channels == 4:
-        tensor = tensor[:3]  # drop alpha
-    elif channels != 3:
-        raise ValueError(f"an image must have 1, 3 or 4 channels, got {channels} (shape {tuple(tensor.shape)}).")
+    tensor = _match_channels(tensor, num_channels, has_alpha)
     if tensor.shape[-2] < 2 or tensor.shape[-1] < 2:
         raise ValueError(f"an image must be at least 2x2 pixels, got {tuple(tensor.shape[-2:])}.")
     if device is not None:

@@ -21,13 +21,20 @@ from typing import Any
 import numpy as np
 import torch
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature, get_size_dict
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling, SizeDict
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+)
 from transformers.processing_utils import ImagesKwargs
 
 from ..modeling.padding import SIZE_DIVISOR, valid_sizes
 from . import post_processing
 from .image_inputs import (
     as_list,
+    channel_layout,
     per_image,
     resize_image,
     resize_nearest,
@@ -189,13 +196,17 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         pad_size: dict[str, int] | None = None,
         return_tensors: str | None = None,
         device: str | torch.device | None = None,
+        input_data_format: str | ChannelDimension | None = None,
+        data_format: str | ChannelDimension = ChannelDimension.FIRST,
         **kwargs: Any,
     ) -> BatchFeature:
         r"""Preprocesses an image or a batch of images, and optionally their segmentation maps.
 
         Args:
-            images: a PIL image, a numpy array or torch tensor (HWC or CHW; gray, RGB or RGBA; uint8, uint16 or
-                float in 0-255), a file path, or a list of them (sizes may differ).
+            images: a PIL image, a numpy array or torch tensor (HWC or CHW, see `input_data_format`; 8 or 16 bit:
+                uint8, uint16, integer or float pixels, 16-bit ones scaled to 0-255), a file path, or a list of them
+                (sizes may differ). Images keep their channels when `image_mean`/`image_std` have as many values;
+                with 3 values, gray images become RGB and RGBA ones lose their alpha.
             segmentation_maps: one `(H, W)` integer map per image, the size of its image: class ids (semantic),
                 instance ids (with `instance_id_to_semantic_id`) or panoptic segment ids (with `segments_info`;
                 an RGB COCO panoptic PNG is decoded as R + 256 G + 256^2 B).
@@ -205,6 +216,9 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
                 original Mask2Former's dataset mapper.
             return_tensors: `"pt"` for torch tensors, `"np"` or None for numpy arrays.
             device: where the tensor work runs (e.g. `"cuda"`); outputs stay there.
+            input_data_format: `"channels_first"` or `"channels_last"`, the layout of array and tensor images;
+                inferred as transformers does when not given (the first axis when both could be channels).
+            data_format: `"channels_first"` (the model's layout) or `"channels_last"` for `pixel_values`.
             Other arguments override the processor's settings for this call.
 
         Returns:
@@ -229,7 +243,11 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         if do_reduce_labels and ignore_index is None:
             raise ValueError("`do_reduce_labels=True` needs an `ignore_index` (e.g. 255) for the former 0 pixels.")
 
-        image_list = [to_image_tensor(image, device) for image in as_list(images, "images")]
+        data_format = channel_layout(data_format, "data_format")
+        num_channels = _num_channels(image_mean, image_std) if do_normalize else 3
+        image_list = [
+            to_image_tensor(image, device, num_channels, input_data_format) for image in as_list(images, "images")
+        ]
         map_list = None
         if segmentation_maps is not None:
             map_list = [to_map_tensor(item, device) for item in as_list(segmentation_maps, "segmentation_maps")]
@@ -265,6 +283,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
             pad_size,
             return_tensors,
             affine=(scale, shift),
+            data_format=data_format,
         )
 
     def encode_inputs(
@@ -324,6 +343,7 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
         pad_size: Any,
         return_tensors: str | None,
         affine: tuple[torch.Tensor, torch.Tensor] | None = None,
+        data_format: ChannelDimension = ChannelDimension.FIRST,
     ) -> BatchFeature:
         # Pad at the bottom and right to the batch maximum, rounded up to the divisor.
         if pad_size is not None:
@@ -352,6 +372,8 @@ class Mask2FormerImageProcessor(BaseImageProcessor):
                 slot.mul_(affine[0]).add_(affine[1])
             pixel_mask[index, :height, :width] = 1
 
+        if data_format == ChannelDimension.LAST:
+            pixel_values = pixel_values.permute(0, 2, 3, 1).contiguous()  # (B, C, H, W) -> (B, H, W, C)
         data: dict[str, Any] = {"pixel_values": pixel_values, "pixel_mask": pixel_mask}
         if maps is not None:
             mask_labels, class_labels = [], []
@@ -505,3 +527,13 @@ def _size_dict(size: SizeDict | dict | int | Sequence[int], max_size: int = _DEF
     if size.get("shortest_edge") and not size.get("longest_edge"):
         size["longest_edge"] = max_size
     return size
+
+
+def _num_channels(image_mean: float | Sequence[float], image_std: float | Sequence[float]) -> int:
+    """The channels images are normalised with: the length of `image_mean`/`image_std` (3 when both are numbers)."""
+    lengths = {len(value) for value in (image_mean, image_std) if isinstance(value, (list, tuple, np.ndarray))}
+    if len(lengths) > 1:
+        raise ValueError(
+            f"image_mean has {len(image_mean)} values but image_std has {len(image_std)}; give one per channel each."
+        )
+    return lengths.pop() if lengths else 3
