@@ -23,6 +23,14 @@ def outputs():
     )
 
 
+def _instances(outputs, **kwargs):
+    """Our and transformers' instance post-processing of the first image."""
+    return tuple(
+        processor().post_process_instance_segmentation(outputs, **kwargs)[0]
+        for processor in (Mask2FormerImageProcessor, Mask2FormerImageProcessorPil)
+    )
+
+
 def test_without_target_sizes_maps_come_at_the_input_size_not_384x384(outputs):
     # transformers resizes to a fixed 384x384 whatever the input; ours stays at the (valid) input size, 4x the logits.
     ours = Mask2FormerImageProcessor().post_process_semantic_segmentation(outputs)[0]
@@ -45,12 +53,7 @@ def test_empty_panoptic_and_instance_maps_are_int32_with_the_usual_void_id(outpu
 
 def test_no_instance_gives_zero_binary_maps_not_a_background_map(outputs):
     # transformers falls back to its (384, 384) map of -1 when return_binary_maps finds nothing; ours is (0, H, W).
-    ours = Mask2FormerImageProcessor().post_process_instance_segmentation(
-        outputs, threshold=1.0, return_binary_maps=True
-    )[0]
-    theirs = Mask2FormerImageProcessorPil().post_process_instance_segmentation(
-        outputs, threshold=1.0, return_binary_maps=True
-    )[0]
+    ours, theirs = _instances(outputs, threshold=1.0, return_binary_maps=True)
     assert theirs["segmentation"].shape == (384, 384)
     assert ours["segmentation"].shape == (0, 96, 128) and ours["segmentation"].dtype == torch.bool
 
@@ -59,12 +62,7 @@ def test_coco_annotation_is_one_pycocotools_rle_per_instance(outputs):
     # transformers' return_coco_annotation gives run-length lists of the whole map's ids; ours gives each instance's
     # full mask as a COCO RLE dict (what COCO evaluation reads).
     pytest.importorskip("pycocotools")
-    ours = Mask2FormerImageProcessor().post_process_instance_segmentation(
-        outputs, threshold=0.0, return_coco_annotation=True
-    )[0]
-    theirs = Mask2FormerImageProcessorPil().post_process_instance_segmentation(
-        outputs, threshold=0.0, return_coco_annotation=True
-    )[0]
+    ours, theirs = _instances(outputs, threshold=0.0, return_coco_annotation=True)
     assert isinstance(theirs["segmentation"][0], list)
     assert len(ours["segmentation"]) == len(ours["segments_info"])
     assert all(set(rle) == {"size", "counts"} and rle["size"] == [96, 128] for rle in ours["segmentation"])
