@@ -14,6 +14,7 @@ from importlib import import_module
 # command name -> module under mask2former.commands
 COMMANDS: dict[str, str] = {
     "segment": "segment",
+    "segment-video": "segment_video",
     "evaluate": "evaluate",
     "export-onnx": "export_onnx",
     "convert-detectron2": "convert_detectron2",

@@ -19,6 +19,7 @@ OPTIONAL_DEPENDENCIES: dict[str, tuple[str, str]] = {
     "onnx": ("export", "onnx"),
     "onnxscript": ("export", "onnxscript"),
     "onnxruntime": ("export", "onnxruntime"),
+    "av": ("video", "av"),
 }
 
 
