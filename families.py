@@ -26,10 +26,16 @@ import transformers
 from transformers import PretrainedConfig, PreTrainedModel
 
 from .modeling.configuration_mask2former import Mask2FormerConfig
+from .modeling.configuration_video_mask2former import VideoMask2FormerConfig
 from .modeling.modeling_mask2former import Mask2FormerForUniversalSegmentation
+from .modeling.modeling_video_mask2former import (
+    VideoMask2FormerForVideoSegmentation,
+    VideoMask2FormerForVideoSegmentationOutput,
+)
 from .modeling.outputs import Mask2FormerForUniversalSegmentationOutput
 from .processing.image_processing_mask2former import Mask2FormerImageProcessor
-from .processing.tasks import TASKS
+from .processing.tasks import TASKS, VIDEO_TASKS
+from .processing.video_processing_mask2former import VideoMask2FormerVideoProcessor
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,15 @@ FAMILIES: dict[str, ModelFamily] = {
         tasks=TASKS,
         output_class=Mask2FormerForUniversalSegmentationOutput,
         transformers_class=transformers.Mask2FormerForUniversalSegmentation,
+    ),
+    # clips (pixel_values_videos (B, T, 3, H, W)) in, one class and one mask tube per query out
+    "video_mask2former": ModelFamily(
+        model_type="video_mask2former",
+        config_class=VideoMask2FormerConfig,
+        model_class=VideoMask2FormerForVideoSegmentation,
+        processor_class=VideoMask2FormerVideoProcessor,
+        tasks=VIDEO_TASKS,
+        output_class=VideoMask2FormerForVideoSegmentationOutput,
     ),
 }
 

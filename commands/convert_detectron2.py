@@ -349,12 +349,14 @@ def convert(checkpoint: str | Path, variant: str, output_dir: str | Path, log: C
     import torch
     from safetensors.torch import save_file
 
-    from mask2former import Mask2FormerConfig, Mask2FormerForUniversalSegmentation
+    from mask2former.families import family_of
 
     config_dir = resolve_variant(variant)
-    config = Mask2FormerConfig.from_pretrained(config_dir)
+    # the family of the variant's config: a video variant (video-mask2former-*) has the image model's names
+    family = family_of(config_dir)
+    config = family.config_class.from_pretrained(config_dir)
     with torch.device("meta"):  # names and shapes only
-        expected = Mask2FormerForUniversalSegmentation(config).state_dict()
+        expected = family.model_class(config).state_dict()
 
     original = load_detectron2_checkpoint(checkpoint)
     ours, unknown = rename_to_ours(original)

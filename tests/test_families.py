@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mask2former.families import FAMILIES, family_for, family_of
-from mask2former.processing.tasks import TASKS
+from mask2former.processing.tasks import TASKS, VIDEO_TASKS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,9 +21,10 @@ def test_every_family_entry_is_consistent(model_type):
     assert issubclass(family.model_class.config_class, family.config_class) or family.model_class.config_class is (
         family.config_class
     )
-    assert family.tasks and set(family.tasks) <= set(TASKS)
-    for task in family.tasks:  # the one task dispatch calls these
-        assert callable(getattr(family.processor_class, f"post_process_{task}_segmentation", None)), task
+    assert family.tasks and set(family.tasks) <= set(TASKS) | set(VIDEO_TASKS)
+    for task in family.tasks:  # the one task dispatch calls these ("video-instance": post_process_video_instance_...)
+        method = f"post_process_{task.replace('-', '_')}_segmentation"
+        assert callable(getattr(family.processor_class, method, None)), task
     assert set(family.export_outputs) <= set(family.output_class.__dataclass_fields__)
 
 
