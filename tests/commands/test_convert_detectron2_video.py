@@ -10,7 +10,7 @@ from collections import OrderedDict
 import torch
 
 from mask2former import VideoMask2FormerConfig, VideoMask2FormerForVideoSegmentation
-from mask2former.cli import main as cli_main
+from mask2former.commands import main as cli_main
 from mask2former.commands.convert_detectron2 import rename_to_original
 
 
