@@ -4,7 +4,10 @@ The exported graph is the ``pixel_mask=None`` inference path: ``pixel_values (B,
 model's family (``families.py``: ``export_outputs``) out; for Mask2Former the last layer's
 ``class_queries_logits (B, Q, K+1)`` and ``masks_queries_logits (B, Q, H/4, W/4)``. Batch, height and width are
 dynamic; height and width must be multiples of 32 (the backbone's coarsest stride), which is what the image processor
-produces when it pads to ``size_divisor=32``.
+produces when it pads to ``size_divisor=32``. ``export_program(..., pixel_mask=...)`` adds a ``pixel_mask (B, H, W)``
+input: the program then masks padding in the attention layers and is exact (equal to the eager model) for batches
+whose images all pad to the input size; it raises at run time on a batch that needs the per-region run
+(``padding.py``), which only the eager model does.
 
 Deformable attention goes to ONNX decomposed into standard operators (one ``GridSample`` per feature level): while
 exporting, :func:`export_onnx` forces the pure-PyTorch reference implementation of the op (its specification), which
@@ -60,10 +63,13 @@ class InferenceGraph(nn.Module):
         self.model = model
         self.output_names = family_of(model.config).export_outputs
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """`(B, 3, H, W)` -> the outputs named by ``output_names`` (Mask2Former: `(B, Q, K+1)` class logits and
-        `(B, Q, H/4, W/4)` mask logits)."""
-        outputs = self.model(pixel_values=pixel_values, output_auxiliary_logits=False, return_dict=True)
+    def forward(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """`(B, 3, H, W)` (+ `(B, H, W)` pixel mask) -> the outputs named by ``output_names`` (Mask2Former:
+        `(B, Q, K+1)` class logits and `(B, Q, H/4, W/4)` mask logits)."""
+        inputs = {"pixel_values": pixel_values}
+        if pixel_mask is not None:
+            inputs["pixel_mask"] = pixel_mask
+        outputs = self.model(**inputs, output_auxiliary_logits=False, return_dict=True)
         return tuple(getattr(outputs, name) for name in self.output_names)
 
 
@@ -90,12 +96,17 @@ def example_pixel_values(batch_size: int = 2, height: int = 96, width: int = 128
 
 
 def dynamic_shapes(
-    dynamic_batch: bool = True, dynamic_size: bool = True, max_batch_size: int = 1024, max_size: int = 4096
-) -> tuple[dict[int, Any]]:
-    """The ``dynamic_shapes`` argument of torch.export for ``(pixel_values,)``.
+    dynamic_batch: bool = True,
+    dynamic_size: bool = True,
+    max_batch_size: int = 1024,
+    max_size: int = 4096,
+    *,
+    with_pixel_mask: bool = False,
+) -> tuple[dict[int, Any], ...]:
+    """The ``dynamic_shapes`` argument of torch.export for ``(pixel_values,)`` or ``(pixel_values, pixel_mask)``.
 
     Height and width are ``32 * k`` with ``k`` a symbolic integer, so every multiple of 32 up to ``max_size`` is
-    accepted by the same program; batch is any size up to ``max_batch_size``.
+    accepted by the same program; batch is any size up to ``max_batch_size``. The pixel mask shares the dimensions.
     """
     spec: dict[int, Any] = {}
     if dynamic_batch:
@@ -103,7 +114,11 @@ def dynamic_shapes(
     if dynamic_size:
         spec[2] = STRIDE * Dim("height_div_32", min=1, max=max_size // STRIDE)
         spec[3] = STRIDE * Dim("width_div_32", min=1, max=max_size // STRIDE)
-    return (spec,)
+    if not with_pixel_mask:
+        return (spec,)
+    # (B, 3, H, W) dims 0, 2, 3 -> (B, H, W) dims 0, 1, 2
+    mask_spec = {{0: 0, 2: 1, 3: 2}[axis]: dim for axis, dim in spec.items()}
+    return spec, mask_spec
 
 
 @contextlib.contextmanager
@@ -133,6 +148,7 @@ def export_program(
     model: nn.Module,
     pixel_values: torch.Tensor | None = None,
     *,
+    pixel_mask: torch.Tensor | None = None,
     dynamic_batch: bool = True,
     dynamic_size: bool = True,
     max_size: int = 4096,
@@ -147,23 +163,31 @@ def export_program(
         model (`Mask2FormerForUniversalSegmentation`): the model (exported in eval mode; its mode is restored).
         pixel_values (`torch.Tensor` of shape `(B, 3, H, W)`, *optional*): the input to trace with; H and W multiples
             of 32. Defaults to a random `(2, 3, 96, 128)` tensor on the model's device and dtype.
+        pixel_mask (`torch.Tensor` of shape `(B, H, W)`, *optional*): an example mask (int64 like the processor's:
+            the program keeps its dtype); the program then takes ``(pixel_values, pixel_mask)``. Exact for batches
+            whose images all pad to the input size (all-ones masks, one image, one image size); other batches raise
+            at run time (see the module doc).
         dynamic_batch (`bool`): batch size is symbolic.
         dynamic_size (`bool`): height and width are symbolic multiples of 32 up to ``max_size``.
         max_size (`int`): largest height or width the program accepts.
         strict (`bool`): torch.export's strict (TorchDynamo) tracing; non-strict by default.
 
     Returns:
-        `torch.export.ExportedProgram`: ``program.module()(pixel_values)`` returns
-        ``(class_queries_logits (B, Q, K+1), masks_queries_logits (B, Q, H/4, W/4))``.
+        `torch.export.ExportedProgram`: ``program.module()(pixel_values)`` (or ``(pixel_values, pixel_mask)``)
+        returns ``(class_queries_logits (B, Q, K+1), masks_queries_logits (B, Q, H/4, W/4))``.
     """
     graph, pixel_values = _prepare(model, pixel_values)
+    inputs: tuple[torch.Tensor, ...] = (pixel_values,)
+    if pixel_mask is not None:
+        if tuple(pixel_mask.shape) != (pixel_values.shape[0], *pixel_values.shape[2:]):
+            raise ValueError(
+                f"pixel_mask must be (batch, height, width) = {(pixel_values.shape[0], *pixel_values.shape[2:])} "
+                f"to match pixel_values, got {tuple(pixel_mask.shape)}"
+            )
+        inputs = (pixel_values, pixel_mask.to(pixel_values.device))
+    shapes = dynamic_shapes(dynamic_batch, dynamic_size, max_size=max_size, with_pixel_mask=pixel_mask is not None)
     with _eval_mode(graph), torch.no_grad():
-        return torch.export.export(
-            graph,
-            (pixel_values,),
-            dynamic_shapes=dynamic_shapes(dynamic_batch, dynamic_size, max_size=max_size),
-            strict=strict,
-        )
+        return torch.export.export(graph, inputs, dynamic_shapes=shapes, strict=strict)
 
 
 def _require_onnx() -> None:

@@ -83,9 +83,12 @@ def valid_regions(pixel_mask: torch.Tensor | None, size_divisor: int = SIZE_DIVI
     """The valid regions of a `(B, H, W)` pixel mask (1 = real pixel), or None when it marks no padding.
 
     None (no mask, or all ones) selects the unpadded path: one batched pass. Otherwise the mask is read on the host
-    once, to group the images by valid size rounded up to ``size_divisor``. Under ``torch.export``, which cannot read
-    data, the regions come without groups and the batch runs as one call with the masks applied: exact for an
-    all-ones mask and whenever every image's valid size rounds up to the input size.
+    once, to group the images by valid size rounded up to ``size_divisor``.
+
+    Under ``torch.export``, which cannot read data, the regions come without groups: the batch runs as one call with
+    the masks applied. That is exact when every image's valid size rounds up to the input size (an all-ones mask,
+    one image, images of one size); the exported program checks it at run time and raises otherwise, rather than
+    let another image's padding reach an image's convolutions.
 
     Raises:
         ValueError: an image has no valid pixel.
@@ -95,6 +98,14 @@ def valid_regions(pixel_mask: torch.Tensor | None, size_divisor: int = SIZE_DIVI
     sizes = valid_sizes(pixel_mask)
     input_size = (pixel_mask.shape[-2], pixel_mask.shape[-1])
     if torch.compiler.is_exporting():
+        rounded = (sizes + size_divisor - 1) // size_divisor * size_divisor  # (B, 2)
+        one_group = (rounded[:, 0] == input_size[0]) & (rounded[:, 1] == input_size[1])
+        torch._assert_async(
+            one_group.all(),
+            "pixel_mask: this exported program runs a batch as one call, which is exact only when every image's "
+            f"valid size rounded up to {size_divisor} is the input size; run batches of images of different sizes "
+            "through the eager model, or one image at a time",
+        )
         return ValidRegions(sizes, input_size)
     host_sizes = [tuple(size) for size in sizes.tolist()]
     if all(size == input_size for size in host_sizes):

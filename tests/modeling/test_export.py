@@ -180,6 +180,44 @@ def test_exported_program_matches_eager_at_other_batch_and_sizes(tiny_model):
             torch.testing.assert_close(actual_tensor, expected_tensor, atol=1e-5, rtol=1e-5)
 
 
+@pytest.fixture(scope="module")
+def masked_program(tiny_model):
+    """The tiny model exported with a pixel_mask input, traced on an all-ones mask."""
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)  # the processor's dtype: the program keeps the example's
+    return export_program(tiny_model, torch.randn(2, 3, 96, 128), pixel_mask=pixel_mask).module()
+
+
+def test_exported_program_with_an_all_ones_pixel_mask_equals_the_unpadded_model(tiny_model, masked_program):
+    for shape in [(2, 3, 96, 128), (1, 3, 64, 64), (3, 3, 160, 96)]:
+        pixel_values = torch.randn(*shape)
+        pixel_mask = torch.ones(shape[0], *shape[2:], dtype=torch.long)
+        expected = _eager(tiny_model, pixel_values)
+        for actual_tensor, expected_tensor in zip(masked_program(pixel_values, pixel_mask), expected):
+            torch.testing.assert_close(actual_tensor, expected_tensor, atol=1e-5, rtol=1e-5)
+
+
+def test_exported_program_masks_padding_of_images_that_pad_to_the_input_size(tiny_model, masked_program):
+    """Both images round up to 96x128 (one size group): the program equals the eager padding-aware model."""
+    pixel_values = torch.randn(2, 3, 96, 128)
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
+    pixel_mask[0, 70:] = 0
+    pixel_mask[1, :, 100:] = 0
+    with torch.no_grad():
+        expected = tiny_model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+        unmasked = tiny_model(pixel_values=pixel_values)
+    actual = masked_program(pixel_values, pixel_mask)
+    torch.testing.assert_close(actual[0], expected.class_queries_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(actual[1], expected.masks_queries_logits, atol=1e-5, rtol=1e-5)
+    assert (actual[0] - unmasked.class_queries_logits).abs().max() > 1e-4  # the mask does change the result
+
+
+def test_exported_program_refuses_a_batch_that_needs_the_per_region_run(masked_program):
+    pixel_mask = torch.ones(2, 96, 128, dtype=torch.long)
+    pixel_mask[0, 40:] = 0  # rounds up to 64x128: only the eager model runs it exactly
+    with pytest.raises(RuntimeError, match="eager model"):
+        masked_program(torch.randn(2, 3, 96, 128), pixel_mask)
+
+
 def _coco_pixel_values(coco_sample_root, shortest_edge: int, longest_edge: int) -> torch.Tensor:
     from PIL import Image
 
